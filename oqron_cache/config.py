@@ -1,0 +1,190 @@
+"""``configure()``: wire Redis (and, later, Celery) once at start-up.
+
+Two-phase configuration: ``cache(...)`` and ``@refreshing_cache`` run at import time and only
+record options; ``configure()`` connects. A cache with a Redis tier used before ``configure()``
+raises :class:`NotConfiguredError`; memory-only caches work without it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import ssl
+import threading
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import parse_qs, urlsplit, urlunsplit
+
+from .durations import Duration, parse_duration
+from .errors import ConfigurationError
+from .keys import validate_namespace
+
+log = logging.getLogger("oqron_cache")
+
+_SCHEMES = ("redis", "rediss", "unix")
+
+
+def mask_url(url: str) -> str:
+    """``url`` with any password replaced by ``***`` (for logs, errors and ``repr``)."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "<unparsable url>"
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.hostname or ""
+    port = f":{parts.port}" if parts.port else ""
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}{port}"))
+
+
+def validate_redis_url(url: object) -> str:
+    """Return ``url`` if it is a usable Redis URL; raise :class:`ConfigurationError` otherwise."""
+    if not isinstance(url, str):
+        raise TypeError(f"redis_url must be a str; got {type(url).__name__}")
+    parts = urlsplit(url)
+    if not parts.scheme:
+        raise ConfigurationError(
+            f"redis_url {mask_url(url)!r} has no scheme; "
+            "use redis://host:port/db or rediss:// for TLS"
+        )
+    if parts.scheme in ("redis+sentinel", "redis+cluster"):
+        raise ConfigurationError(
+            f"redis_url scheme {parts.scheme!r} is not supported yet; "
+            "use redis://, rediss:// or unix://"
+        )
+    if parts.scheme not in _SCHEMES:
+        raise ConfigurationError(
+            f"redis_url scheme {parts.scheme!r} is not a Redis scheme; "
+            "use redis://, rediss:// or unix://"
+        )
+    if parts.scheme == "rediss":
+        reqs = parse_qs(parts.query).get("ssl_cert_reqs", [""])[0].lower()
+        if reqs in ("none", "cert_none"):
+            warnings.warn(
+                f"redis_url {mask_url(url)!r} turns TLS certificate verification off "
+                "(ssl_cert_reqs=none): anyone on the path can impersonate Redis",
+                stacklevel=3,
+            )
+    return url
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What ``configure()`` was given, validated."""
+
+    redis_url: str | None
+    namespace: str
+    celery_app: Any
+    op_timeout: float
+    connect_timeout: float
+    clock: Callable[[], float] | None
+
+    def __repr__(self) -> str:
+        url = mask_url(self.redis_url) if self.redis_url else None
+        return f"Settings(redis_url={url!r}, namespace={self.namespace!r})"
+
+
+_lock = threading.Lock()
+_runtime: Any = None  # the current Runtime (set by configure)
+
+
+def configure(
+    redis_url: str | None = None,
+    celery_app: Any = None,
+    namespace: str | None = None,
+    *,
+    op_timeout: Duration = "250ms",
+    connect_timeout: Duration | None = None,
+    clock: Callable[[], float] | None = None,
+) -> Settings:
+    """Connect the library: Redis for L2, locks and the bus; optionally the user's Celery app.
+
+    ``redis_url`` defaults to ``$OQRON_REDIS_URL`` (no Redis if neither is set: caches with a
+    Redis tier then refuse to run). ``namespace`` (default ``$OQRON_NAMESPACE`` or ``"oqron"``)
+    prefixes every Redis key: ``oqron:<namespace>:``. ``op_timeout`` bounds every Redis call;
+    ``connect_timeout`` defaults to it. ``clock`` (wall clock, seconds) is for tests.
+
+    Calling it again replaces the previous configuration: caches rebind on their next use. A
+    Redis that cannot be reached now is not an error (the caches degrade and reconnect); wrong
+    credentials, a refused TLS certificate or a Celery app that accepts pickle are.
+    """
+    from .runtime import Runtime
+
+    global _runtime  # noqa: PLW0603 - the process-wide configuration is module state by design
+    url = redis_url if redis_url is not None else os.environ.get("OQRON_REDIS_URL") or None
+    if url is not None:
+        validate_redis_url(url)
+    ns = validate_namespace(
+        namespace if namespace is not None else os.environ.get("OQRON_NAMESPACE", "oqron")
+    )
+    timeout = parse_duration(op_timeout, "op_timeout")
+    connect = (
+        timeout if connect_timeout is None else parse_duration(connect_timeout, "connect_timeout")
+    )
+    if celery_app is not None:
+        check_celery_app(celery_app)
+    settings = Settings(url, ns, celery_app, timeout, connect, clock)
+    with _lock:
+        old = _runtime
+        _runtime = Runtime(settings)
+    _unbind_all()
+    if old is not None:
+        old.close()
+    _runtime.start()
+    return settings
+
+
+def _unbind_all() -> None:
+    from . import registry
+
+    for cache in registry.all_caches():
+        cache.unbind()
+
+
+def check_celery_app(app: Any) -> None:
+    """Refuse a Celery app that would accept or send pickle (remote code execution)."""
+    conf = getattr(app, "conf", None)
+    if conf is None:
+        raise TypeError(f"celery_app must be a celery.Celery; got {type(app).__name__}")
+    for setting in ("task_serializer", "result_serializer"):
+        if str(conf.get(setting, "json")).lower() == "pickle":
+            raise ConfigurationError(f"pickle is not allowed; use json (celery {setting})")
+    for setting in ("accept_content", "result_accept_content"):
+        accepted = conf.get(setting) or []
+        if any("pickle" in str(item).lower() for item in accepted):
+            raise ConfigurationError(f"pickle is not allowed; use json (celery {setting})")
+
+
+def current_runtime(create: bool = True) -> Any:
+    """The current Runtime; with ``create``, a Redis-less one if ``configure()`` never ran."""
+    global _runtime  # noqa: PLW0603 - see configure()
+    if _runtime is None and create:
+        from .runtime import Runtime
+
+        with _lock:
+            if _runtime is None:
+                _runtime = Runtime(Settings(None, "oqron", None, 0.25, 0.25, None), implicit=True)
+    return _runtime
+
+
+def reset() -> None:
+    """Forget the configuration and stop its threads (tests, and clean shutdown)."""
+    global _runtime
+    with _lock:
+        old, _runtime = _runtime, None
+    _unbind_all()
+    if old is not None:
+        old.close()
+
+
+def is_tls_failure(exc: BaseException) -> bool:
+    """True if ``exc`` (or its cause chain) is a TLS certificate/handshake failure."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, ssl.SSLError) or "SSL" in str(seen) or "certificate" in str(seen):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False

@@ -1,0 +1,235 @@
+"""The public cache object: ``cache(...)`` declares one, its methods are the API of DESIGN §1."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, cast
+
+from . import registry
+from .config import current_runtime
+from .durations import Duration, parse_duration, positive_int
+from .errors import ConfigurationError, InvalidKeyError
+from .keys import validate_cache_name
+from .metrics import Stats
+from .options import (
+    CacheOptions,
+    MemoryTier,
+    MissPolicy,
+    RedisTier,
+    Stampede,
+    Strategy,
+    TagsFunc,
+    resolve_tiers,
+    stampede_from_dict,
+)
+from .serializers import get_codec
+from .stack import CacheStack
+from .tiers.redis import L2Unavailable
+
+log = logging.getLogger("oqron_cache")
+
+SCAN_COUNT = 500
+UNLINK_BATCH = 500
+
+
+def _bad_key(key: object) -> Exception:
+    if not isinstance(key, str):
+        return InvalidKeyError(f"cache keys must be str; got {type(key).__name__}")
+    return ConfigurationError("cache keys must not be empty")
+
+
+class Cache:
+    """A two-tier cache. Create it with :func:`cache`; its name is unique in the process."""
+
+    def __init__(self, options: CacheOptions, clock: Callable[[], float] | None = None) -> None:
+        self.options = options
+        self.name = options.name
+        self.clock = clock
+        self.stats = Stats()
+        self._stack: CacheStack | None = None
+        registry.register(self)
+
+    def __repr__(self) -> str:
+        return f"<oqron_cache.Cache {self.name!r} ttl={self.options.ttl}s>"
+
+    @property
+    def stack(self) -> CacheStack:
+        """The engine of this cache, bound to the current configuration."""
+        return self._stack or self._bind()
+
+    def _bind(self) -> CacheStack:
+        stack: CacheStack = current_runtime().bind(self)
+        self._stack = stack
+        return stack
+
+    def unbind(self) -> None:
+        """Forget the engine (``configure()`` calls this so the next use rebinds)."""
+        self._stack = None
+
+    def get(self, key: str, default: Any = None) -> Any:
+        """Return the value of ``key``: from L1, else L2, else the resolver (if any).
+
+        A stale value (past ``ttl``, within ``stale_ttl``) is returned at once and refreshed in
+        the background. Without a resolver a miss returns ``default``; a cached ``None`` is a
+        value, not a miss. Raises only the resolver's own error when nothing servable exists.
+        """
+        if type(key) is not str or not key:
+            raise _bad_key(key)
+        return (self._stack or self._bind()).get(key, self.options.resolver, default)
+
+    def get_or_set(self, key: str, factory: Callable[[], Any]) -> Any:
+        """Return the value of ``key``, calling ``factory()`` (once across processes) on a miss."""
+        if type(key) is not str or not key:
+            raise _bad_key(key)
+        if not callable(factory):
+            raise TypeError(f"get_or_set factory must be callable; got {type(factory).__name__}")
+        return self.stack.get(key, lambda _key: factory())
+
+    def set(self, key: str, value: Any) -> None:
+        """Store ``value`` in every tier; other processes drop their L1 copy.
+
+        With ``write_through``, the origin is written first and the cache only if it accepted.
+        Raises :class:`~oqron_cache.errors.SerializationError` if the codec cannot store the
+        value faithfully. Redis being down is not an error (L1 is updated, the error counted).
+        """
+        if type(key) is not str or not key:
+            raise _bad_key(key)
+        if self.options.write_through is not None:
+            self.options.write_through(key, value)
+        self.stack.set(key, value)
+
+    def delete(self, key: str) -> None:
+        """Remove ``key`` from every tier and from every process's L1."""
+        if type(key) is not str or not key:
+            raise _bad_key(key)
+        self.stack.delete(key)
+
+    def invalidate_pattern(self, pattern: str, *, allow_all: bool = False) -> int:
+        """Delete every key of this cache matching the glob ``pattern``; return how many.
+
+        Only ``*``, ``?`` and ``[abc]`` are special (``\\*`` is a literal star); the match is
+        confined to this cache in this namespace. ``"*"`` needs ``allow_all=True``. Uses SCAN,
+        never KEYS. Keys longer than ``max_key_bytes`` are stored hashed and are not matched.
+        """
+        if not isinstance(pattern, str):
+            raise TypeError(f"pattern must be a str; got {type(pattern).__name__}")
+        if not pattern or (set(pattern) <= {"*"} and not allow_all):
+            raise ConfigurationError(
+                f"invalidate_pattern({pattern!r}) would drop the whole cache {self.name!r}; "
+                "pass allow_all=True if that is what you mean"
+            )
+        stack = self.stack
+        removed = 0
+        if stack.l2 is not None:
+            match = stack.l2.keys.match_values(pattern)
+            client = stack.l2.conn.client
+            try:
+                batch: list[bytes] = []
+                for rkey in stack.l2.conn.run(client.scan_iter, match=match, count=SCAN_COUNT):
+                    batch.append(rkey)
+                    if len(batch) >= UNLINK_BATCH:
+                        removed += cast(int, stack.l2.conn.run(client.unlink, *batch))
+                        batch.clear()
+                if batch:
+                    removed += cast(int, stack.l2.conn.run(client.unlink, *batch))
+            except L2Unavailable:
+                stack.stats.incr("l2_errors")
+            stack.l2.conn.run(client.publish, stack.l2.channel, stack._message("clear", []))
+        if stack.l1 is not None:
+            stack.l1.clear()
+        return removed
+
+    def invalidate_by_tag(self, tag: str) -> int:
+        """Delete every entry of this cache carrying ``tag`` (not available yet: issue 4)."""
+        raise NotImplementedError("invalidate_by_tag arrives with cross-process tag indexes")
+
+    def get_stats(self, local: bool = True) -> dict[str, Any]:
+        """Counters of this cache in this process (DESIGN section 6)."""
+        l1 = self._stack.l1 if self._stack is not None else None
+        return self.stats.snapshot(l1.evictions if l1 is not None else 0)
+
+    def close(self) -> None:
+        """Unregister this cache (its name can be declared again)."""
+        registry.unregister(self.name)
+        runtime = current_runtime(create=False)
+        if runtime is not None:
+            runtime.unbind(self.name)
+        self._stack = None
+
+
+def cache(
+    name: str,
+    *,
+    tiers: Iterable[MemoryTier | RedisTier | Mapping[str, Any]] | None = None,
+    ttl: Duration | None = None,
+    stale_ttl: Duration = 0,
+    stampede: Stampede | Mapping[str, Any] | None = None,
+    strategy: Strategy = "fixed",
+    resolver: Callable[[str], Any] | None = None,
+    tags: TagsFunc | None = None,
+    write_through: Callable[[str, Any], None] | None = None,
+    miss: MissPolicy = "inline",
+    codec: str = "json",
+    max_size: int = 1000,
+    max_value_bytes: int = 1 << 20,
+    max_key_bytes: int = 200,
+    max_tags: int = 32,
+    clock: Callable[[], float] | None = None,
+) -> Cache:
+    """Declare a cache. Connects nothing: Redis is wired by :func:`oqron_cache.configure`.
+
+    ``name`` is unique (workers find the cache by it). ``tiers`` is ``[MemoryTier, RedisTier]``
+    (or one of them, or their dict forms); with ``tiers=None``, ``ttl`` builds both tiers. The
+    freshness of a value is the last tier's ``ttl``; ``stale_ttl`` is how long past it a stale
+    value may still be served while it is refreshed (physical expiry in Redis: ``ttl +
+    stale_ttl``). ``strategy="sliding"`` resets freshness on each read. ``resolver(key)`` computes
+    a missing value. ``tags(key, value)`` returns the entry's tags. ``codec`` is "json" (strict)
+    or "msgpack". Values whose encoding exceeds ``max_value_bytes`` are returned, not cached.
+    ``clock`` (wall clock, seconds) is for tests.
+    """
+    validate_cache_name(name)
+    if strategy not in ("fixed", "sliding"):
+        raise ConfigurationError(f"strategy must be 'fixed' or 'sliding'; got {strategy!r}")
+    if miss not in ("inline", "worker"):
+        raise ConfigurationError(f"miss must be 'inline' or 'worker'; got {miss!r}")
+    if miss == "worker":
+        raise ConfigurationError(
+            "miss='worker' needs the Celery refresh engine (not available yet)"
+        )
+    for label, fn in (
+        ("resolver", resolver),
+        ("tags", tags),
+        ("write_through", write_through),
+        ("clock", clock),
+    ):
+        if fn is not None and not callable(fn):
+            raise TypeError(f"{label} must be callable; got {type(fn).__name__}")
+    l1, l2, fresh = resolve_tiers(tiers, ttl, positive_int(max_size, "max_size"))
+    if stampede is None:
+        stampede_opts = Stampede()
+    elif isinstance(stampede, Stampede):
+        stampede_opts = stampede
+    elif isinstance(stampede, Mapping):
+        stampede_opts = stampede_from_dict(stampede)
+    else:
+        raise TypeError(f"stampede must be a Stampede or a dict; got {type(stampede).__name__}")
+    get_codec(codec)  # fail at declaration for an unknown codec or pickle
+    options = CacheOptions(
+        name=name,
+        ttl=fresh,
+        stale_ttl=parse_duration(stale_ttl, "stale_ttl", allow_zero=True),
+        l1=l1,
+        l2=l2,
+        stampede=stampede_opts,
+        strategy=strategy,
+        resolver=resolver,
+        tags=tags,
+        write_through=write_through,
+        miss=miss,
+        codec=codec,
+        max_value_bytes=positive_int(max_value_bytes, "max_value_bytes"),
+        max_key_bytes=positive_int(max_key_bytes, "max_key_bytes", minimum=16),
+        max_tags=positive_int(max_tags, "max_tags"),
+    )
+    return Cache(options, clock)

@@ -1,0 +1,365 @@
+"""Key encoding: decorated-function arguments to cache keys, cache keys to Redis keys.
+
+Two encodings live here and nowhere else:
+
+* :func:`encode_call` turns a call's arguments into the ``str`` key of a decorated function's cache.
+  It is typed and length-prefixed (netstring-like), so ``f(1)``, ``f(True)`` and ``f(1.0)`` differ,
+  and ``f("a:b", "c")`` differs from ``f("a", "b:c")``. Arguments with no stable encoding (objects
+  whose identity is their address, lambdas, files) are refused with a ``TypeError`` naming them.
+* :class:`KeySpace` turns a cache's ``str`` key into its Redis keys. Layout (DESIGN section 7)::
+
+      oqron:<namespace>:{<cache>:<escaped key>}:<part>
+
+  The escaped key percent-encodes ``%``, braces, glob characters, ``#``, whitespace, control
+  characters and non-ASCII, so it contains no brace (the hash tag always ends where we put it), no
+  glob character (SCAN MATCH patterns built from it are literal) and stays readable for plain keys.
+  Encoded keys longer than ``max_key_bytes`` are replaced by ``#`` + the full SHA-256 of the key;
+  ``#`` never appears unescaped in an ordinary key, so the two forms cannot collide.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import decimal
+import enum
+import hashlib
+import re
+import uuid
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from .errors import ConfigurationError, InvalidKeyError
+
+NAMESPACE_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+# Cache names may be dotted paths with qualnames (decorated functions: "mod.Class.method").
+CACHE_NAME_RE = re.compile(r"^[A-Za-z0-9_.<>-]{1,200}$")
+
+# Characters kept as they are in a Redis key: printable ASCII minus the ones with a meaning to us
+# (hash-tag braces, glob syntax, escape and hash markers, the part separator is fine after '}').
+_SAFE = frozenset(chr(c) for c in range(0x21, 0x7F) if chr(c) not in "%{}*?[]\\#")
+
+
+def validate_namespace(namespace: object) -> str:
+    """Return ``namespace`` if it matches ``[A-Za-z0-9_.-]{1,64}``, else raise."""
+    if not isinstance(namespace, str):
+        raise TypeError(f"namespace must be a str; got {type(namespace).__name__}")
+    if not NAMESPACE_RE.match(namespace):
+        raise ConfigurationError(f"namespace must match [A-Za-z0-9_.-]{{1,64}}; got {namespace!r}")
+    return namespace
+
+
+def validate_cache_name(name: object) -> str:
+    """Return ``name`` if it is a usable cache name, else raise naming the parameter."""
+    if not isinstance(name, str):
+        raise TypeError(f"cache name must be a str; got {type(name).__name__}")
+    if not CACHE_NAME_RE.match(name):
+        raise ConfigurationError(f"cache name must match [A-Za-z0-9_.<>-]{{1,200}}; got {name!r}")
+    return name
+
+
+def escape(text: str) -> str:
+    """Percent-encode ``text`` so it holds no brace, glob character, ``#``, space or non-ASCII."""
+    if all(ch in _SAFE for ch in text):
+        return text
+    out: list[str] = []
+    for ch in text:
+        if ch in _SAFE:
+            out.append(ch)
+        else:
+            out.extend(f"%{b:02X}" for b in ch.encode("utf-8", "surrogatepass"))
+    return "".join(out)
+
+
+def escape_glob(pattern: str) -> str:
+    """Escape a user glob so that only its ``*``, ``?`` and ``[...]`` keep their meaning.
+
+    Literal characters are escaped exactly as :func:`escape` does, so the result matches the
+    escaped form of the keys. ``\\x`` in the user's pattern means a literal ``x``.
+    """
+    out: list[str] = []
+    i = 0
+    while i < len(pattern):
+        ch = pattern[i]
+        if ch == "\\" and i + 1 < len(pattern):
+            out.append(escape(pattern[i + 1]))
+            i += 2
+            continue
+        if ch in "*?":
+            out.append(ch)
+        elif ch == "[":
+            end = pattern.find("]", i + 1)
+            if end == -1:
+                raise ConfigurationError(f"pattern {pattern!r} has an unclosed '['")
+            body = pattern[i + 1 : end]
+            negate = body.startswith("^")
+            chars = body[1:] if negate else body
+            if not chars or not all(c in _SAFE and c != "-" for c in chars):
+                raise ConfigurationError(
+                    f"pattern {pattern!r}: a [...] class may hold only plain ASCII characters "
+                    "(no ranges)"
+                )
+            out.append("[" + ("^" if negate else "") + chars + "]")
+            i = end
+        else:
+            out.append(escape(ch))
+        i += 1
+    return "".join(out)
+
+
+def printable(key: str, limit: int = 80) -> str:
+    """A log-safe rendering of ``key``: escaped (no CR/LF injection) and truncated."""
+    shown = escape(key)
+    return shown if len(shown) <= limit else shown[:limit] + f"...({len(shown)} chars)"
+
+
+class KeySpace:
+    """Builds the Redis keys of one cache in one namespace."""
+
+    __slots__ = ("cache", "max_key_bytes", "namespace", "prefix")
+
+    def __init__(self, namespace: str, cache: str, max_key_bytes: int) -> None:
+        self.namespace = validate_namespace(namespace)
+        self.cache = validate_cache_name(cache)
+        self.max_key_bytes = max_key_bytes
+        self.prefix = f"oqron:{namespace}:{{{escape(cache)}:"
+
+    def encoded(self, key: str) -> str:
+        """The escaped (or, when too long, hashed) form of ``key`` used inside the hash tag."""
+        text = escape(key)
+        if len(text) > self.max_key_bytes:
+            digest = hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()
+            return "#" + digest
+        return text
+
+    def value(self, key: str) -> str:
+        """Redis key of the entry's envelope."""
+        return f"{self.prefix}{self.encoded(key)}}}:v"
+
+    def lock(self, key: str) -> str:
+        """Redis key of the entry's fill/refresh lock (same hash tag as the value)."""
+        return f"{self.prefix}{self.encoded(key)}}}:l"
+
+    def match_values(self, user_pattern: str) -> str:
+        """A SCAN MATCH pattern for the value keys whose user key matches ``user_pattern``."""
+        return f"{glob_literal(self.prefix)}{escape_glob(user_pattern)}}}:v"
+
+
+def glob_literal(text: str) -> str:
+    """Backslash-escape glob metacharacters so that ``text`` matches only itself in SCAN MATCH."""
+    return re.sub(r"([*?\[\]\\])", r"\\\1", text)
+
+
+def bus_channel(namespace: str) -> str:
+    """The pub/sub channel of a namespace (no braces: it is not an entry key)."""
+    return f"oqron:{namespace}:bus"
+
+
+def stats_key(namespace: str, cache: str) -> str:
+    """The hash that aggregates a cache's counters across processes."""
+    return f"oqron:{namespace}:stats:{escape(cache)}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Decorated-function arguments -> str key
+
+
+class _Unstable(Exception):
+    pass
+
+
+def _enc(value: Any, out: list[str]) -> None:
+    """Append the typed, length-prefixed encoding of ``value`` to ``out``."""
+    cls = type(value)
+    if cls is str:
+        out.append(f"s{len(value)}:{value}")
+    elif cls is int:
+        text = str(value)
+        out.append(f"i{len(text)}:{text}")
+    elif cls is bool:
+        out.append("T" if value else "F")
+    elif value is None:
+        out.append("N")
+    elif cls is float:
+        text = repr(value)
+        out.append(f"f{len(text)}:{text}")
+    elif cls is bytes:
+        text = value.hex()
+        out.append(f"b{len(text)}:{text}")
+    elif cls is tuple or cls is list:
+        out.append(f"{'t' if cls is tuple else 'l'}{len(value)}(")
+        for item in value:
+            _enc(item, out)
+        out.append(")")
+    elif cls is frozenset or cls is set:
+        parts = []
+        for item in value:
+            sub: list[str] = []
+            _enc(item, sub)
+            parts.append("".join(sub))
+        parts.sort()
+        out.append(f"z{len(parts)}(" + "".join(parts) + ")")
+    elif cls is dict:
+        items = []
+        for k, v in value.items():
+            sub = []
+            _enc(k, sub)
+            _enc(v, sub)
+            items.append("".join(sub))
+        items.sort()
+        out.append(f"d{len(items)}(" + "".join(items) + ")")
+    elif hasattr(value, "__cache_key__"):
+        inner = value.__cache_key__()
+        name = f"{cls.__module__}.{cls.__qualname__}"
+        out.append(f"o{len(name)}:{name}")
+        _enc(inner, out)
+    elif isinstance(value, enum.Enum):
+        name = f"{cls.__module__}.{cls.__qualname__}"
+        out.append(f"e{len(name)}:{name}")
+        _enc(value.name, out)
+    elif cls in _SCALARS:
+        text = str(value)
+        tag = _SCALARS[cls]
+        out.append(f"{tag}{len(text)}:{text}")
+    else:
+        raise _Unstable(cls.__name__)
+
+
+_SCALARS: Mapping[type, str] = {
+    decimal.Decimal: "D",
+    uuid.UUID: "U",
+    _dt.datetime: "W",
+    _dt.date: "Y",
+    _dt.time: "H",
+    _dt.timedelta: "R",
+}
+
+
+def encode_call(
+    func_name: str, params: tuple[str, ...], args: tuple[Any, ...], kwargs: Mapping[str, Any]
+) -> str:
+    """Encode a call's arguments as a key; ``params`` names the positional parameters.
+
+    Raises :class:`InvalidKeyError` (a ``TypeError``) naming the argument that has no stable
+    encoding.
+    """
+    out: list[str] = []
+    for index, value in enumerate(args):
+        try:
+            _enc(value, out)
+        except _Unstable as exc:
+            name = params[index] if index < len(params) else f"#{index}"
+            raise _unstable_error(func_name, name, str(exc)) from None
+    if kwargs:
+        out.append("|")
+        for name in sorted(kwargs):
+            out.append(f"k{len(name)}:{name}")
+            try:
+                _enc(kwargs[name], out)
+            except _Unstable as exc:
+                raise _unstable_error(func_name, name, str(exc)) from None
+    return "".join(out)
+
+
+def _unstable_error(func_name: str, arg: str, type_name: str) -> InvalidKeyError:
+    return InvalidKeyError(
+        f"argument {arg!r} of {func_name} has type {type_name}, which has no stable cache key; "
+        "pass key=... to the decorator or implement __cache_key__()",
+        cache=func_name,
+    )
+
+
+KeyFunc = Callable[..., str]
+
+
+class _Reader:
+    __slots__ = ("pos", "text")
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+        self.pos = 0
+
+    def sized(self) -> str:
+        colon = self.text.index(":", self.pos)
+        size = int(self.text[self.pos : colon])
+        start = colon + 1
+        self.pos = start + size
+        return self.text[start : self.pos]
+
+    def count(self) -> int:
+        paren = self.text.index("(", self.pos)
+        size = int(self.text[self.pos : paren])
+        self.pos = paren + 1
+        return size
+
+    def close(self) -> None:
+        if self.text[self.pos] != ")":
+            raise ValueError("bad key encoding")
+        self.pos += 1
+
+
+def _dec(r: _Reader) -> Any:
+    tag = r.text[r.pos]
+    r.pos += 1
+    simple: dict[str, Any] = {"T": True, "F": False, "N": None}
+    if tag in simple:
+        return simple[tag]
+    if tag == "s":
+        return r.sized()
+    if tag == "i":
+        return int(r.sized())
+    if tag == "f":
+        return float(r.sized())
+    if tag == "b":
+        return bytes.fromhex(r.sized())
+    if tag in "tlzd":
+        n = r.count()
+        if tag == "d":
+            pairs = [(_dec(r), _dec(r)) for _ in range(n)]
+            r.close()
+            return dict(pairs)
+        items = [_dec(r) for _ in range(n)]
+        r.close()
+        return tuple(items) if tag == "t" else items if tag == "l" else frozenset(items)
+    decoders: dict[str, Callable[[str], Any]] = {
+        "D": decimal.Decimal,
+        "U": uuid.UUID,
+        "W": _dt.datetime.fromisoformat,
+        "Y": _dt.date.fromisoformat,
+        "H": _dt.time.fromisoformat,
+        "R": _parse_timedelta,
+    }
+    if tag in decoders:
+        return decoders[tag](r.sized())
+    raise ValueError(f"key holds an argument of a kind that cannot be rebuilt ({tag!r})")
+
+
+def _parse_timedelta(text: str) -> _dt.timedelta:
+    days = 0
+    if " day" in text:
+        day_part, text = text.split(", ")
+        days = int(day_part.split(" ")[0])
+    hours, minutes, seconds = text.split(":")
+    return _dt.timedelta(days=days, hours=int(hours), minutes=int(minutes), seconds=float(seconds))
+
+
+def decode_call(key: str) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """Rebuild ``(args, kwargs)`` from a key made by :func:`encode_call`.
+
+    Works for keys made of builtin scalars, containers, Decimal, UUID and date/time values; raises
+    ``ValueError`` for keys holding ``__cache_key__`` objects or enums (those can be refreshed only
+    by a process that saw the call). Sets come back as frozensets.
+    """
+    r = _Reader(key)
+    args: list[Any] = []
+    kwargs: dict[str, Any] = {}
+    while r.pos < len(key) and key[r.pos] != "|":
+        args.append(_dec(r))
+    if r.pos < len(key):
+        r.pos += 1
+        while r.pos < len(key):
+            if key[r.pos] != "k":
+                raise ValueError("bad key encoding")
+            r.pos += 1
+            name = r.sized()
+            kwargs[name] = _dec(r)
+    return tuple(args), kwargs

@@ -1,0 +1,163 @@
+"""The process's live parts after ``configure()``: the Redis client, the bus, the dispatcher.
+
+Each cache builds its :class:`~oqron_cache.stack.CacheStack` from these on first use
+(:meth:`Runtime.bind`). A new ``configure()`` makes a new Runtime and closes the old one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+from typing import TYPE_CHECKING, Any
+
+import redis
+from redis.backoff import NoBackoff
+from redis.exceptions import AuthenticationError, ResponseError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.retry import Retry
+
+from .breaker import CircuitBreaker
+from .bus import Bus
+from .config import Settings, is_tls_failure, mask_url
+from .errors import ConfigurationError, NotConfiguredError
+from .keys import KeySpace, bus_channel
+from .refresh import Dispatcher
+from .serializers import get_codec
+from .stack import CacheStack
+from .tiers.memory import MemoryStore
+from .tiers.redis import RedisConn, RedisStore
+
+if TYPE_CHECKING:
+    from .frontend import Cache
+
+log = logging.getLogger("oqron_cache")
+
+
+def make_client(settings: Settings) -> redis.Redis:
+    """A redis-py client with explicit timeouts and at most one immediate retry.
+
+    redis-py 6 retries 3 times with backoff by default (about 9 s against a paused server); we
+    retry once, without backoff, and only on connection errors (a stale pooled connection after a
+    server restart), never on timeouts.
+    """
+    assert settings.redis_url is not None
+    return redis.Redis.from_url(
+        settings.redis_url,
+        socket_timeout=settings.op_timeout,
+        socket_connect_timeout=settings.connect_timeout,
+        retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
+        retry_on_timeout=False,
+        client_name="oqron-cache",
+        max_connections=256,
+    )
+
+
+class Runtime:
+    """Live parts shared by every cache of this process."""
+
+    def __init__(self, settings: Settings, implicit: bool = False) -> None:
+        self.settings = settings
+        self.implicit = implicit
+        self.dispatcher = Dispatcher()
+        self.client: redis.Redis | None = None
+        self.conn: RedisConn | None = None
+        self.bus: Bus | None = None
+        self.stacks: dict[str, CacheStack] = {}
+        self._lock = threading.Lock()
+        if settings.redis_url is not None:
+            self.client = make_client(settings)
+            self.conn = RedisConn(self.client, CircuitBreaker())
+            self.bus = Bus(
+                self.client, bus_channel(settings.namespace), self._on_bus, self.flush_l1
+            )
+
+    def start(self) -> None:
+        """Check credentials and TLS now (fail fast), then start the bus listener."""
+        if self.client is None or self.bus is None:
+            return
+        url = mask_url(self.settings.redis_url or "")
+        try:
+            self.client.ping()
+        except AuthenticationError as exc:
+            raise ConfigurationError(f"Redis at {url} refused the credentials: {exc}") from exc
+        except ResponseError as exc:
+            if "NOAUTH" in str(exc) or "NOPERM" in str(exc) or "WRONGPASS" in str(exc):
+                raise ConfigurationError(f"Redis at {url} refused access: {exc}") from exc
+            raise
+        except (RedisConnectionError, OSError) as exc:
+            if is_tls_failure(exc):
+                raise ConfigurationError(f"TLS to Redis at {url} failed: {exc}") from exc
+            log.warning(
+                "Redis at %s is not reachable now (%s); caches serve from L1 and the "
+                "resolver until it is",
+                url,
+                type(exc).__name__,
+            )
+        except redis.exceptions.TimeoutError:
+            log.warning(
+                "Redis at %s did not answer within %ss; caches degrade until it does",
+                url,
+                self.settings.op_timeout,
+            )
+        self.bus.start(wait=1.0)
+
+    def bind(self, cache: Cache) -> CacheStack:
+        """Build (once) the stack of ``cache`` from this runtime's parts."""
+        with self._lock:
+            stack = self.stacks.get(cache.name)
+            if stack is not None and stack.owner is cache:
+                return stack
+            opts = cache.options
+            l2 = None
+            if opts.l2 is not None:
+                if self.conn is None:
+                    raise NotConfiguredError(
+                        f"cache {cache.name!r} has a Redis tier but Redis is not configured: "
+                        "call oqron_cache.configure(redis_url=...) at start-up "
+                        "(or set OQRON_REDIS_URL)",
+                        cache=cache.name,
+                    )
+                keyspace = KeySpace(self.settings.namespace, cache.name, opts.max_key_bytes)
+                l2 = RedisStore(self.conn, keyspace, bus_channel(self.settings.namespace))
+            l1 = MemoryStore(opts.l1.max_size) if opts.l1 is not None else None
+            clock = cache.clock or self.settings.clock or time.time
+            stack = CacheStack(opts, get_codec(opts.codec), l1, l2, self, cache.stats, clock)
+            stack.owner = cache
+            self.stacks[cache.name] = stack
+            return stack
+
+    def unbind(self, name: str) -> None:
+        """Forget the stack of cache ``name`` (the cache was closed)."""
+        with self._lock:
+            self.stacks.pop(name, None)
+
+    def _on_bus(self, cache: str, op: str, keys: list[str], from_self: bool) -> None:
+        stack = self.stacks.get(cache)
+        if stack is not None:
+            stack.on_bus(op, keys, from_self)
+
+    def flush_l1(self) -> None:
+        """Drop every L1 entry of every cache (the bus was lost or came back)."""
+        for stack in list(self.stacks.values()):
+            if stack.l1 is not None:
+                stack.l1.clear()
+
+    def close(self) -> None:
+        """Stop the bus and the dispatcher, close connections."""
+        if self.bus is not None:
+            self.bus.stop()
+        self.dispatcher.stop()
+        if self.client is not None:
+            with contextlib.suppress(Exception):  # closing is best effort
+                self.client.close()
+
+    def status(self) -> dict[str, Any]:
+        """A summary for diagnostics (no secrets)."""
+        return {
+            "redis_url": mask_url(self.settings.redis_url) if self.settings.redis_url else None,
+            "namespace": self.settings.namespace,
+            "bus_healthy": bool(self.bus and self.bus.healthy),
+            "breaker": self.conn.breaker.state if self.conn else None,
+        }

@@ -1,0 +1,514 @@
+"""The read and write paths of one cache: L1, then L2, then the resolver (DESIGN section 2).
+
+``CacheStack`` is built from parts (an L1 store, an L2 store, the process's bus and refresh
+dispatcher, the stats) when a cache is first used after :func:`oqron_cache.configure`. The
+decision of what to do with what a tier holds is :func:`oqron_cache.entry.decide`; this module
+only does the I/O around it.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import time
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any
+
+from .bus import encode_message
+from .entry import NO_VERSION, Action, Corrupt, Entry, decide, new_version, pack, unpack
+from .errors import ConfigurationError
+from .flight import Flights
+from .keys import printable
+from .metrics import LATENCY_SAMPLE, Stats
+from .options import CacheOptions
+from .serializers import Codec
+from .tiers.memory import L1Item, MemoryStore
+from .tiers.redis import L2Unavailable, RedisStore
+
+if TYPE_CHECKING:
+    from .runtime import Runtime
+
+log = logging.getLogger("oqron_cache")
+
+Resolver = Callable[[str], Any]
+_MISSING: Any = object()
+WAIT_SLICE = 0.2  # a lost pub/sub message costs a waiter at most this long (safety net, not a poll)
+
+
+class Found:
+    """What a read of L2 found: the entry (if any usable), and the version a writer must see."""
+
+    __slots__ = ("entry", "seen")
+
+    def __init__(self, entry: Entry | None, seen: bytes) -> None:
+        self.entry = entry
+        self.seen = seen
+
+
+class CacheStack:
+    """The engine of one cache in one process."""
+
+    def __init__(
+        self,
+        opts: CacheOptions,
+        codec: Codec,
+        l1: MemoryStore | None,
+        l2: RedisStore | None,
+        runtime: Runtime | None,
+        stats: Stats,
+        clock: Callable[[], float],
+    ) -> None:
+        self.opts = opts
+        self.name = opts.name
+        self.codec = codec
+        self.l1 = l1
+        self.l2 = l2
+        self.runtime = runtime
+        self.stats = stats
+        self.clock = clock
+        self.flights = Flights()
+        self.owner: Any = None  # the Cache this stack serves (set by Runtime.bind)
+        self._swr = opts.stampede.stale_while_revalidate
+        self._sliding = opts.strategy == "sliding"
+        l1_ttl = opts.l1_ttl
+        # Sliding caches come back to L2 at least twice per ttl, so L2 slides too.
+        self._l1_ttl = min(l1_ttl, opts.ttl / 2) if self._sliding and l2 is not None else l1_ttl
+        self._tombstone_ttl = max(2 * opts.stampede.lock_ttl, 10.0)
+
+    # ------------------------------------------------------------------ reads
+
+    def get(self, key: str, resolver: Resolver | None, default: Any = None) -> Any:
+        """Return the value for ``key`` (L1 -> L2 -> ``resolver``); ``default`` if none."""
+        sample = not (next(self.stats.gets) % LATENCY_SAMPLE)
+        started = time.perf_counter() if sample else 0.0
+        l1 = self.l1
+        item = None
+        if l1 is not None:
+            item = l1.get(key)
+            if item is not None:
+                now = self.clock()
+                if now < item.fresh_until and now < item.l1_until:
+                    if self._sliding:
+                        item.fresh_until = now + self.opts.ttl
+                        item.stale_until = item.fresh_until + self.opts.stale_ttl
+                    if sample:
+                        self.stats.observe("memory", time.perf_counter() - started)
+                    return item.value
+        return self._read_below(key, item, resolver, default)
+
+    def _read_below(
+        self, key: str, item: L1Item | None, resolver: Resolver | None, default: Any
+    ) -> Any:
+        now = self.clock()
+        fallback: Any = _MISSING  # a value we may still serve if everything below fails
+        if item is not None:
+            action = decide(item.fresh_until, item.stale_until, now, self._can_swr(resolver))
+            if action is Action.SERVE_AND_REFRESH:
+                self.stats.incr("stale_served")
+                self._request_refresh(key, item.version)
+                return item.value
+            if action is Action.SERVE:  # fresh, but this process's copy is due for a look below
+                fallback = item.value
+            elif now < item.stale_until:
+                fallback = item.value  # stale and no SWR: load, but fail-safe to this
+            else:
+                self.l1.discard(key, item.version)  # type: ignore[union-attr]
+        found = self._read_l2(key)
+        if found is not None and found.entry is not None:
+            entry = found.entry
+            action = decide(entry.fresh_until, entry.stale_until, now, self._can_swr(resolver))
+            if action is Action.SERVE:
+                self.stats.incr("l2_hits")
+                if self._sliding:
+                    entry = self._slide(key, entry, now)
+                self._put_l1(key, entry)
+                return entry.value
+            if action is Action.SERVE_AND_REFRESH:
+                self.stats.incr("stale_served")
+                self._put_l1(key, entry)
+                self._request_refresh(key, entry.version)
+                return entry.value
+            if now < entry.stale_until:
+                fallback = entry.value
+        elif found is None and fallback is not _MISSING:
+            return fallback  # L2 unavailable and L1 still holds a fresh copy: serve it (P1)
+        if resolver is None:
+            return default
+        self.stats.incr("misses")
+        return self._load(key, resolver, fallback)
+
+    def _can_swr(self, resolver: Resolver | None) -> bool:
+        # A stale value can only be refreshed in the background by the cache's own resolver.
+        return self._swr and self.opts.resolver is not None and resolver is self.opts.resolver
+
+    def _read_l2(self, key: str) -> Found | None:
+        """Read ``key`` from L2. ``None`` if L2 is absent or unavailable."""
+        if self.l2 is None:
+            return None
+        started = time.perf_counter()
+        try:
+            raw = self.l2.read(key)
+        except L2Unavailable:
+            self.stats.incr("l2_errors")
+            return None
+        if raw is None:
+            self.stats.observe("redis", time.perf_counter() - started)
+            return Found(None, NO_VERSION)
+        try:
+            entry, codec_id, payload = unpack(raw)
+            if entry.tombstone:
+                return Found(None, entry.version)
+            if codec_id != self.codec.codec_id:
+                raise Corrupt(f"codec id {codec_id}")
+            entry.value = self.codec.decode(payload)
+        except (Corrupt, ValueError, TypeError) as exc:
+            self.stats.incr("corrupt")
+            log.warning(
+                "cache %s: unreadable L2 entry for %s treated as a miss (%s)",
+                self.name,
+                printable(key),
+                exc,
+            )
+            return Found(None, raw[2:10])
+        self.stats.observe("redis", time.perf_counter() - started)
+        return Found(entry, entry.version)
+
+    def _slide(self, key: str, entry: Entry, now: float) -> Entry:
+        """Sliding strategy: push the entry's freshness forward in L2 (best effort)."""
+        entry.fresh_until = now + self.opts.ttl
+        entry.stale_until = entry.fresh_until + self.opts.stale_ttl
+        if self.l2 is None:
+            return entry
+        try:
+            self.l2.touch(
+                key,
+                entry.version,
+                entry.fresh_until,
+                entry.stale_until,
+                self.opts.ttl + self.opts.stale_ttl,
+            )
+        except L2Unavailable:
+            self.stats.incr("l2_errors")
+        return entry
+
+    # ------------------------------------------------------------------ cold misses
+
+    def _load(self, key: str, resolver: Resolver, fallback: Any) -> Any:
+        """Single-flight in this process; the leader goes on to the cross-process protocol."""
+        flight, leader = self.flights.join(key)
+        if not leader:
+            self.stats.incr("stampede_prevented")
+            return flight.wait()
+        try:
+            value = self._load_as_leader(key, resolver, fallback)
+        except BaseException as exc:
+            self.flights.finish(key, flight, error=exc)
+            raise
+        self.flights.finish(key, flight, value)
+        return value
+
+    def _load_as_leader(self, key: str, resolver: Resolver, fallback: Any) -> Any:
+        """Across processes: take the key's lock and load, or wait for the holder's fill."""
+        if self.l1 is not None:  # a flight that just ended may have filled L1: check again
+            item = self.l1.get(key)
+            if item is not None and self.clock() < item.fresh_until:
+                return item.value
+        if self.l2 is None or not self.opts.stampede.enabled:
+            found = self._read_l2(key)
+            return self._compute(key, resolver, found.seen if found else NO_VERSION, "", fallback)
+        lock_ttl = self.opts.stampede.lock_ttl
+        deadline = time.monotonic() + lock_ttl
+        waiters = self.runtime.bus.waiters if self.runtime and self.runtime.bus else None
+        event = None
+        try:
+            while True:
+                found = self._read_l2(key)
+                if found is None:  # L2 unavailable: nobody to coordinate with
+                    return self._compute(key, resolver, NO_VERSION, "", fallback)
+                if found.entry is not None and self.clock() < found.entry.fresh_until:
+                    if event is not None:
+                        self.stats.incr("stampede_prevented")
+                    self._put_l1(key, found.entry)
+                    return found.entry.value
+                token = secrets.token_hex(16)
+                try:
+                    won = self.l2.acquire(key, token, lock_ttl)
+                except L2Unavailable:
+                    self.stats.incr("l2_errors")
+                    return self._compute(key, resolver, NO_VERSION, "", fallback)
+                if won:
+                    # The holder we waited for may have filled it just before we locked.
+                    again = self._read_l2(key)
+                    if (
+                        again is not None
+                        and again.entry is not None
+                        and self.clock() < again.entry.fresh_until
+                    ):
+                        self._release(key, token)
+                        self._put_l1(key, again.entry)
+                        return again.entry.value
+                    seen = again.seen if again is not None else found.seen
+                    return self._compute(key, resolver, seen, token, fallback)
+                if event is None and waiters is not None:
+                    # Register before re-reading L2, so a fill between the two is not missed.
+                    event = waiters.register(self.name, key)
+                    continue
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    # Liveness beats dedup: the holder is slow or dead; compute it ourselves.
+                    self.stats.incr("lock_timeouts")
+                    return self._compute(key, resolver, found.seen, "", fallback)
+                if event is not None:
+                    event.wait(min(remaining, WAIT_SLICE))
+                    event.clear()
+                else:
+                    time.sleep(min(remaining, WAIT_SLICE / 4))
+        finally:
+            if event is not None and waiters is not None:
+                waiters.unregister(self.name, key, event)
+
+    def _compute(self, key: str, resolver: Resolver, seen: bytes, token: str, fallback: Any) -> Any:
+        """Run the resolver, store the value (compare-and-set on ``seen``), return it."""
+        started = time.perf_counter()
+        try:
+            value = resolver(key)
+        except Exception:
+            self.stats.incr("resolver_errors")
+            if token:
+                self._release(key, token)
+            if fallback is not _MISSING:
+                self.stats.incr("stale_served")
+                log.warning(
+                    "cache %s: resolver failed for %s; serving the stale value",
+                    self.name,
+                    printable(key),
+                    exc_info=True,
+                )
+                return fallback
+            raise
+        elapsed = time.perf_counter() - started
+        self.stats.incr("resolver_calls")
+        self.stats.observe("resolver", elapsed)
+        self._store(key, value, seen, token, elapsed)
+        return value
+
+    # ------------------------------------------------------------------ writes
+
+    def _entry(self, key: str, value: Any, delta: float) -> Entry:
+        now = self.clock()
+        fresh_until = now + self.opts.ttl
+        return Entry(
+            value,
+            now,
+            fresh_until,
+            fresh_until + self.opts.stale_ttl,
+            new_version(),
+            self._tags(key, value),
+            delta,
+        )
+
+    def _tags(self, key: str, value: Any) -> tuple[str, ...]:
+        if self.opts.tags is None:
+            return ()
+        tags = self.opts.tags(key, value)
+        if isinstance(tags, str) or not isinstance(tags, Iterable):
+            raise TypeError(f"tags function of cache {self.name!r} must return a list of str")
+        out = tuple(tags)
+        if not all(type(t) is str and t for t in out):
+            raise TypeError(f"tags of cache {self.name!r} must be non-empty str")
+        if len(out) > self.opts.max_tags:
+            raise ConfigurationError(
+                f"cache {self.name!r}: {len(out)} tags on one entry, "
+                f"more than max_tags={self.opts.max_tags}"
+            )
+        return out
+
+    def _encode(self, key: str, entry: Entry) -> bytes | None:
+        """The envelope of ``entry``, or ``None`` if its value is too large to cache (P9)."""
+        payload = self.codec.encode(entry.value, self.name)
+        if len(payload) > self.opts.max_value_bytes:
+            self.stats.incr("oversize")
+            log.warning(
+                "cache %s: value for %s is %d bytes > max_value_bytes=%d; returned, not cached",
+                self.name,
+                printable(key),
+                len(payload),
+                self.opts.max_value_bytes,
+            )
+            return None
+        return pack(entry, self.codec.codec_id, payload)
+
+    def _store(self, key: str, value: Any, seen: bytes, token: str, delta: float) -> None:
+        """Write a resolved value to L2 (only if still at ``seen``) and to L1."""
+        try:
+            entry = self._entry(key, value, delta)
+            envelope = self._encode(key, entry) if self.l2 is not None else b""
+        except BaseException:
+            if token:
+                self._release(key, token)
+            raise
+        if envelope is None:
+            if token:
+                self._release(key, token)
+            return
+        if self.l2 is not None:
+            message = self._message("fill", [key])
+            try:
+                written = self.l2.fill(
+                    key, seen, envelope, self.opts.ttl + self.opts.stale_ttl, token, message
+                )
+            except L2Unavailable:
+                self.stats.incr("l2_errors")
+            else:
+                if not written:
+                    # A newer set or an invalidation landed while we computed: it wins (P5).
+                    self.stats.incr("l2_write_conflicts")
+                    return
+        self._put_l1(key, entry)
+
+    def set(self, key: str, value: Any) -> None:
+        """Write ``value`` to every tier and tell other processes to drop their copy."""
+        self.stats.incr("sets")
+        entry = self._entry(key, value, 0.0)
+        if self.l2 is not None:
+            envelope = self._encode(key, entry)
+            if envelope is None:  # too large to cache: at least stop serving the old value
+                self.delete(key)
+                return
+            try:
+                self.l2.put(
+                    key,
+                    envelope,
+                    self.opts.ttl + self.opts.stale_ttl,
+                    self._message("evict", [key]),
+                )
+            except L2Unavailable:
+                self.stats.incr("l2_errors")
+        self._put_l1(key, entry)
+
+    def delete(self, key: str) -> None:
+        """Remove ``key`` from every tier and every process's L1.
+
+        L2 keeps a short-lived tombstone with a new version, so a load or refresh that began
+        before the delete cannot write its older value back (compare-and-set fails).
+        """
+        self.stats.incr("deletes")
+        if self.l1 is not None:
+            self.l1.discard(key)
+        if self.l2 is None:
+            return
+        now = self.clock()
+        tomb = Entry(None, now, now, now, new_version(), tombstone=True)
+        try:
+            self.l2.put(
+                key,
+                pack(tomb, self.codec.codec_id, b""),
+                self._tombstone_ttl,
+                self._message("evict", [key]),
+            )
+        except L2Unavailable:
+            self.stats.incr("l2_errors")
+
+    # ------------------------------------------------------------------ helpers
+
+    def _put_l1(self, key: str, entry: Entry) -> None:
+        if self.l1 is None or not self._l1_writable():
+            return
+        now = self.clock()
+        l1_until = (
+            min(now + self._l1_ttl, entry.fresh_until)
+            if entry.fresh_until > now
+            else entry.stale_until
+        )
+        self.l1.put(
+            key, L1Item(entry.value, entry.fresh_until, entry.stale_until, l1_until, entry.version)
+        )
+
+    def _l1_writable(self) -> bool:
+        # L1 is coherent only while the bus is listening; with Redis wholly down nobody can
+        # invalidate anything, so L1 serves (P1) bounded by its own ttl.
+        runtime = self.runtime
+        if runtime is None or runtime.bus is None or self.l2 is None:
+            return True
+        return runtime.bus.healthy or self.l2.conn.breaker.is_open
+
+    def _release(self, key: str, token: str) -> None:
+        try:
+            self.l2.release(key, token)  # type: ignore[union-attr]
+        except L2Unavailable:
+            self.stats.incr("l2_errors")
+
+    def _message(self, op: str, keys: list[str]) -> bytes:
+        origin = self.runtime.bus.origin if self.runtime and self.runtime.bus else "-"
+        return encode_message(origin, self.name, op, keys)
+
+    def _request_refresh(self, key: str, seen: bytes) -> None:
+        if self.runtime is not None:
+            self.runtime.dispatcher.submit(self, key, seen)
+
+    # ------------------------------------------------------------------ bus and refresh
+
+    def on_bus(self, op: str, keys: list[str], from_self: bool) -> None:
+        """A bus message for this cache: drop the L1 copies another process made obsolete."""
+        if self.l1 is None or from_self:
+            return
+        if op == "clear":
+            self.l1.clear()
+        else:
+            self.l1.discard_many(keys)
+
+    def refresh_now(self, key: str, seen: bytes) -> str:
+        """Background refresh of a stale ``key`` (run by the dispatcher). Returns the outcome."""
+        resolver = self.opts.resolver
+        if resolver is None:
+            return "no-resolver"
+        found = self._read_l2(key)
+        now = self.clock()
+        if found is not None and found.entry is not None and now < found.entry.fresh_until:
+            self._put_l1(key, found.entry)  # another process already refreshed it
+            self.stats.incr("refreshes_deduplicated")
+            return "already-fresh"
+        token = ""
+        if found is not None and self.l2 is not None:
+            token = secrets.token_hex(16)
+            try:
+                if not self.l2.acquire(key, token, self.opts.stampede.lock_ttl):
+                    self.stats.incr("refreshes_deduplicated")
+                    return "locked"
+            except L2Unavailable:
+                self.stats.incr("l2_errors")
+                token = ""
+            if token:
+                again = self._read_l2(key)
+                if again is not None:
+                    found = again
+                if found.entry is not None and self.clock() < found.entry.fresh_until:
+                    self._release(key, token)
+                    self._put_l1(key, found.entry)
+                    self.stats.incr("refreshes_deduplicated")
+                    return "already-fresh"
+        seen_now = found.seen if found is not None else seen
+        self.stats.incr("refreshes_enqueued")
+        started = time.perf_counter()
+        try:
+            value = resolver(key)
+        except Exception:
+            self.stats.incr("refresh_failures")
+            log.warning(
+                "cache %s: refresh of %s failed; the stale value stays served",
+                self.name,
+                printable(key),
+                exc_info=True,
+            )
+            if token:  # keep the lock as a throttle: no retry storm across processes
+                try:
+                    self.l2.hold(key, token, self.opts.stampede.lock_ttl)  # type: ignore[union-attr]
+                except L2Unavailable:
+                    self.stats.incr("l2_errors")
+            return "failed"
+        elapsed = time.perf_counter() - started
+        self.stats.incr("resolver_calls")
+        self.stats.observe("resolver", elapsed)
+        self._store(key, value, seen_now, token, elapsed)
+        self.stats.incr("refreshes_succeeded")
+        return "refreshed"

@@ -1,0 +1,212 @@
+"""L2: the shared Redis tier. One entry = one envelope string (see :mod:`oqron_cache.entry`).
+
+Every check-then-act is one Lua script touching one entry's keys only (its value and its lock,
+which share a Redis Cluster hash tag). Every call goes through :meth:`RedisConn.run`, which applies
+the circuit breaker and turns infrastructure failures into :class:`L2Unavailable`, so the read
+path can degrade (promise P1) instead of raising.
+"""
+
+from __future__ import annotations
+
+import logging
+import struct
+from collections.abc import Callable
+from typing import Any, TypeVar, cast
+
+import redis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from ..breaker import CircuitBreaker
+from ..keys import KeySpace
+
+log = logging.getLogger("oqron_cache.redis")
+T = TypeVar("T")
+
+
+class L2Unavailable(Exception):
+    """Internal: L2 could not do what was asked (down, slow, OOM, read-only, circuit open)."""
+
+
+# KEYS[1] - the entry's value key
+# KEYS[2] - the entry's lock key
+# ARGV[1] - the version the writer saw when it started ('' = no entry)
+# ARGV[2] - the new envelope
+# ARGV[3] - physical TTL of the envelope, ms
+# ARGV[4] - the writer's lock token ('' = it holds no lock)
+# ARGV[5] - bus channel
+# ARGV[6] - bus message announcing the fill
+# Writes only if the entry's version is still ARGV[1] (a newer write or an invalidation wins),
+# announces it, and releases the lock if the writer still owns it. Returns 1 if written.
+_FILL = """
+local cur = redis.call('GET', KEYS[1])
+local seen = ''
+if cur then seen = string.sub(cur, 3, 10) end
+local written = 0
+if seen == ARGV[1] then
+  redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+  redis.call('PUBLISH', ARGV[5], ARGV[6])
+  written = 1
+end
+if ARGV[4] ~= '' and redis.call('GET', KEYS[2]) == ARGV[4] then
+  redis.call('DEL', KEYS[2])
+end
+return written
+"""
+
+# KEYS[1] - the entry's value key
+# ARGV[1] - the new envelope (a value, or a tombstone for a delete)
+# ARGV[2] - physical TTL, ms
+# ARGV[3] - bus channel
+# ARGV[4] - bus message
+# An unconditional write (set/delete) and its announcement, in one round trip.
+_PUT = """
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+redis.call('PUBLISH', ARGV[3], ARGV[4])
+return 1
+"""
+
+# KEYS[1] - the lock key
+# ARGV[1] - the token of the holder
+# Compare-and-delete: a holder can only release its own lock.
+_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+"""
+
+# KEYS[1] - the lock key
+# ARGV[1] - the token of the holder
+# ARGV[2] - new TTL, ms
+# Compare-and-extend: used to keep a failed key's lock as a refresh throttle.
+_EXTEND = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+return 0
+"""
+
+
+# KEYS[1] - the entry's value key
+# ARGV[1] - the version the toucher read
+# ARGV[2] - 16 bytes: new fresh_until and stale_until (float64 big-endian)
+# ARGV[3] - new physical TTL, ms
+# Sliding strategy: move an entry's freshness forward, only if it was not replaced meanwhile.
+_TOUCH = """
+local cur = redis.call('GET', KEYS[1])
+if cur and string.sub(cur, 3, 10) == ARGV[1] then
+  redis.call('SETRANGE', KEYS[1], 18, ARGV[2])
+  redis.call('PEXPIRE', KEYS[1], ARGV[3])
+  return 1
+end
+return 0
+"""
+_TIMES = struct.Struct(">dd")  # fresh_until, stale_until
+
+
+class RedisConn:
+    """A redis-py client with a circuit breaker and the library's scripts registered once."""
+
+    def __init__(
+        self,
+        client: redis.Redis,
+        breaker: CircuitBreaker | None = None,
+        on_failure: Callable[[str], None] | None = None,
+    ) -> None:
+        self.client = client
+        self.breaker = breaker or CircuitBreaker()
+        self._on_failure = on_failure
+        self.fill_script = client.register_script(_FILL)
+        self.put_script = client.register_script(_PUT)
+        self.release_script = client.register_script(_RELEASE)
+        self.extend_script = client.register_script(_EXTEND)
+        self.touch_script = client.register_script(_TOUCH)
+
+    def run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """Call ``fn`` through the breaker; raise :class:`L2Unavailable` on any Redis failure.
+
+        Connection errors and timeouts open the breaker. Error replies (OOM, READONLY, NOPERM)
+        do not: the server answered, reads still work.
+        """
+        if not self.breaker.allow():
+            raise L2Unavailable("circuit open")
+        try:
+            result = fn(*args, **kwargs)
+        except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+            self.breaker.failure()
+            self._failed("unreachable", exc)
+            raise L2Unavailable(f"redis unreachable: {type(exc).__name__}") from exc
+        except ResponseError as exc:
+            self.breaker.success()
+            self._failed("refused", exc)
+            raise L2Unavailable(f"redis refused: {str(exc)[:80]}") from exc
+        except RedisError as exc:
+            self.breaker.failure()
+            self._failed("error", exc)
+            raise L2Unavailable(f"redis error: {type(exc).__name__}") from exc
+        self.breaker.success()
+        return result
+
+    def _failed(self, kind: str, exc: BaseException) -> None:
+        log.warning("L2 %s: %s: %s", kind, type(exc).__name__, str(exc)[:200])
+        if self._on_failure is not None:
+            self._on_failure(kind)
+
+
+class RedisStore:
+    """The L2 operations of one cache: reads, versioned fills, puts, locks."""
+
+    def __init__(self, conn: RedisConn, keyspace: KeySpace, channel: str) -> None:
+        self.conn = conn
+        self.keys = keyspace
+        self.channel = channel
+
+    def read(self, key: str) -> bytes | None:
+        """The raw envelope of ``key``, or ``None`` if absent."""
+        raw = self.conn.run(self.conn.client.get, self.keys.value(key))
+        return cast("bytes | None", raw)
+
+    def acquire(self, key: str, token: str, ttl: float) -> bool:
+        """Try to take ``key``'s lock (``SET NX PX``); True if this caller now holds it."""
+        ok = self.conn.run(
+            self.conn.client.set, self.keys.lock(key), token, nx=True, px=max(1, int(ttl * 1000))
+        )
+        return bool(ok)
+
+    def release(self, key: str, token: str) -> bool:
+        """Release ``key``'s lock if ``token`` still owns it."""
+        return bool(
+            self.conn.run(self.conn.release_script, keys=[self.keys.lock(key)], args=[token])
+        )
+
+    def hold(self, key: str, token: str, ttl: float) -> bool:
+        """Extend ``key``'s lock to ``ttl`` seconds if ``token`` still owns it."""
+        return bool(
+            self.conn.run(
+                self.conn.extend_script,
+                keys=[self.keys.lock(key)],
+                args=[token, max(1, int(ttl * 1000))],
+            )
+        )
+
+    def fill(
+        self, key: str, seen_version: bytes, envelope: bytes, ttl: float, token: str, message: bytes
+    ) -> bool:
+        """Write ``envelope`` if the entry's version is still ``seen_version``; announce; unlock."""
+        keys = [self.keys.value(key), self.keys.lock(key)]
+        args = [seen_version, envelope, max(1, int(ttl * 1000)), token, self.channel, message]
+        return bool(self.conn.run(self.conn.fill_script, keys=keys, args=args))
+
+    def put(self, key: str, envelope: bytes, ttl: float, message: bytes) -> None:
+        """Write ``envelope`` unconditionally (a set or a tombstone) and announce it."""
+        args = [envelope, max(1, int(ttl * 1000)), self.channel, message]
+        self.conn.run(self.conn.put_script, keys=[self.keys.value(key)], args=args)
+
+    def touch(
+        self, key: str, version: bytes, fresh_until: float, stale_until: float, ttl: float
+    ) -> bool:
+        """Sliding strategy: move the entry's freshness forward if it is still ``version``."""
+        args = [version, _TIMES.pack(fresh_until, stale_until), max(1, int(ttl * 1000))]
+        return bool(self.conn.run(self.conn.touch_script, keys=[self.keys.value(key)], args=args))

@@ -1,0 +1,127 @@
+"""Shared fixtures.
+
+Infrastructure fixtures (no library import) come first; library fixtures go in the
+section at the bottom.  Anything that needs Redis FAILS (never skips) when Redis is
+missing: start it with ``.ci/run`` or point ``OQRON_TEST_REDIS_URL`` at one.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+import redis
+
+from tests.redis_server import RedisServer, delete_namespace
+
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+
+
+# -- infrastructure (independent of oqron_cache) ------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> str:
+    """URL of the shared Redis; must answer PING or every test using it fails."""
+    url = os.environ.get("OQRON_TEST_REDIS_URL", DEFAULT_REDIS_URL)
+    client = redis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=2)
+    try:
+        client.ping()
+        error = None
+    except redis.RedisError as exc:
+        error = exc
+    finally:
+        client.close()
+    if error is not None:
+        pytest.fail(
+            f"Redis is required for this test but {url} does not answer PING ({error!r}). "
+            "Start redis-server (see .ci/run) or set OQRON_TEST_REDIS_URL.",
+            pytrace=False,
+        )
+    return url
+
+
+@pytest.fixture
+def redis_client(redis_url: str) -> Iterator[redis.Redis]:
+    """A client of the shared Redis.  Never FLUSHALL/FLUSHDB it: use ``namespace``."""
+    client = redis.Redis.from_url(redis_url, socket_timeout=5, socket_connect_timeout=5)
+    try:
+        yield client
+    finally:
+        client.close()
+
+
+@pytest.fixture
+def namespace(redis_client: redis.Redis) -> Iterator[str]:
+    """A fresh namespace (``t-<8 hex>``); its keys ``oqron:<ns>:*`` are deleted afterwards."""
+    ns = f"t-{uuid.uuid4().hex[:8]}"
+    yield ns
+    delete_namespace(redis_client, ns)
+
+
+@pytest.fixture
+def private_redis() -> Iterator[RedisServer]:
+    """A private redis-server on a free port, for tests that kill/pause/fill/demote it."""
+    with RedisServer() as server:
+        yield server
+
+
+# -- library fixtures ---------------------------------------------------------------------
+
+
+@pytest.fixture
+def configured(redis_url: str, namespace: str) -> Iterator[str]:
+    """``oqron_cache.configure()`` on the shared Redis in a fresh namespace; reset afterwards.
+
+    Yields the namespace.
+    """
+    import oqron_cache
+    from oqron_cache.config import reset
+
+    oqron_cache.configure(redis_url=redis_url, namespace=namespace)
+    try:
+        yield namespace
+    finally:
+        reset()
+
+
+@pytest.fixture
+def make_cache() -> Iterator[Callable[..., Any]]:
+    """``make_cache(**kwargs)``: ``oqron_cache.cache(name=<unique>, **kwargs)``, closed after."""
+    import oqron_cache
+
+    made: list[Any] = []
+
+    def factory(**kwargs: Any) -> Any:
+        kwargs.setdefault("name", f"c-{uuid.uuid4().hex[:8]}")
+        created = oqron_cache.cache(**kwargs)
+        made.append(created)
+        return created
+
+    try:
+        yield factory
+    finally:
+        for created in made:
+            created.close()
+
+
+class FakeClock:
+    """A wall clock that only moves when told to (``tick``)."""
+
+    def __init__(self, start: float = 1_800_000_000.0) -> None:
+        self.now = start
+
+    def __call__(self) -> float:
+        return self.now
+
+    def tick(self, seconds: float) -> None:
+        self.now += seconds
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    """An injectable clock: pass ``clock=clock`` to ``cache(...)``; move it with ``tick``."""
+    return FakeClock()
