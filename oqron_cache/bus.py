@@ -190,6 +190,9 @@ class Bus:
             self._subscribed.set()
 
     def _lost(self) -> None:
+        if self._stop.is_set():
+            self.healthy = False  # deliberate shutdown: nothing was lost
+            return
         if self.healthy:
             self.healthy = False
             log.warning(

@@ -11,19 +11,45 @@ from __future__ import annotations
 import functools
 import inspect
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any, Generic, ParamSpec, TypeVar
+from typing import Any, Generic, ParamSpec, Protocol, TypeVar, cast
 
 from .durations import Duration, parse_duration
 from .frontend import Cache, cache
-from .keys import decode_call, encode_call
+from .keys import decode_call, encode_call_ex
 from .options import MemoryTier, RedisTier, Stampede, Strategy, TagsFunc
 
 P = ParamSpec("P")
 R = TypeVar("R")
 
 
-class CachedFunction(Generic[P, R]):
-    """A function whose results are cached; call it like the original."""
+class CachedFunction(Protocol[P, R]):
+    """What ``@refreshing_cache`` returns: the function, plus its cache's controls."""
+
+    cache: Cache
+    original: Callable[P, R]
+    __wrapped__: Callable[P, R]
+
+    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R: ...
+
+    def key_for(self, *args: P.args, **kwargs: P.kwargs) -> str:
+        """The cache key of a call with these arguments."""
+        ...
+
+    def invalidate(self, *args: P.args, **kwargs: P.kwargs) -> None:
+        """Drop the cached result of this call from every tier and every process."""
+        ...
+
+    def refresh(self, *args: P.args, **kwargs: P.kwargs) -> R:
+        """Recompute this call now, store the result everywhere and return it."""
+        ...
+
+    def get_stats(self, local: bool = True) -> dict[str, Any]:
+        """The cache's stats (see :meth:`Cache.get_stats`)."""
+        ...
+
+
+class _Controls(Generic[P, R]):
+    """The key encoding and controls behind one decorated function."""
 
     def __init__(
         self,
@@ -32,75 +58,93 @@ class CachedFunction(Generic[P, R]):
         key: Callable[..., str] | None,
         vary_on: Callable[[], Any] | None,
     ) -> None:
-        self.__wrapped__ = func
         self.original = func
         self.cache = cache_obj
         self._key_func = key
         self._vary_on = vary_on
-        self._qualname = f"{func.__module__}.{func.__qualname__}"
+        self.qualname = f"{func.__module__}.{func.__qualname__}"
         sig = inspect.signature(func)
         self._params = tuple(
             p.name
             for p in sig.parameters.values()
             if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
         )
-        functools.update_wrapper(self, func)
 
-    def key_for(self, *args: P.args, **kwargs: P.kwargs) -> str:
-        """The cache key of a call with these arguments."""
+    def key_for(self, *args: Any, **kwargs: Any) -> str:
+        return self._key(args, kwargs)[0]
+
+    def _key(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[str, bool]:
+        """The key of a call and whether it can be rebuilt into the call (for refreshes)."""
         if self._key_func is not None:
             key = self._key_func(*args, **kwargs)
             if not isinstance(key, str) or not key:
-                raise TypeError(f"key= function of {self._qualname} must return a non-empty str")
-            return "k" + key
+                raise TypeError(f"key= function of {self.qualname} must return a non-empty str")
+            return "k" + key, False
         if self._vary_on is not None:
             varied: dict[str, Any] = {**kwargs, "__vary_on__": self._vary_on()}
-            return encode_call(self._qualname, self._params, args, varied)
-        return encode_call(self._qualname, self._params, args, kwargs) or "-"
+            return encode_call_ex(self.qualname, self._params, args, varied)[0], False
+        key, rebuildable = encode_call_ex(self.qualname, self._params, args, kwargs)
+        return key or "-", rebuildable
 
-    def _call(self, *args: Any, **kwargs: Any) -> R:
+    def call(self, *args: Any, **kwargs: Any) -> R:
+        """Run the original function, refusing results that cannot be cached as values."""
         result = self.original(*args, **kwargs)
         if inspect.isawaitable(result) or inspect.isgenerator(result):
             if inspect.iscoroutine(result):
                 result.close()
             raise TypeError(
-                f"{self._qualname} returned a {type(result).__name__}; "
+                f"{self.qualname} returned a {type(result).__name__}; "
                 "refreshing_cache caches plain values only"
             )
         return result
 
-    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
-        key = self.key_for(*args, **kwargs)
-        value: R = (
-            self.cache.get_or_set(key, lambda: self._call(*args, **kwargs))
-            if self._key_func is not None or self._vary_on is not None
-            else self.cache.get(key)
-        )
-        return value
+    def lookup(self, *args: Any, **kwargs: Any) -> R:
+        key, rebuildable = self._key(args, kwargs)
+        if not rebuildable:
+            # The call cannot be rebuilt from the key (key=, vary_on, __cache_key__ objects):
+            # compute on a miss; a stale entry is reloaded in the foreground.
+            return self.cache.get_or_set(key, lambda: self.call(*args, **kwargs))  # type: ignore[no-any-return]
+        return self.cache.get(key)  # type: ignore[no-any-return]
 
-    def _resolve(self, key: str) -> Any:
+    def resolve(self, key: str) -> Any:
         """Recompute the value of ``key`` from the key alone (background refresh, workers)."""
         args, kwargs = decode_call("" if key == "-" else key)
-        return self._call(*args, **kwargs)
+        return self.call(*args, **kwargs)
 
-    def invalidate(self, *args: P.args, **kwargs: P.kwargs) -> None:
-        """Drop the cached result of this call from every tier and every process."""
+    def invalidate(self, *args: Any, **kwargs: Any) -> None:
         self.cache.delete(self.key_for(*args, **kwargs))
 
-    def refresh(self, *args: P.args, **kwargs: P.kwargs) -> R:
-        """Recompute this call now, store the result everywhere and return it."""
-        value = self._call(*args, **kwargs)
+    def refresh(self, *args: Any, **kwargs: Any) -> R:
+        value = self.call(*args, **kwargs)
         self.cache.set(self.key_for(*args, **kwargs), value)
         return value
 
     def get_stats(self, local: bool = True) -> dict[str, Any]:
-        """The cache's stats (see :meth:`Cache.get_stats`)."""
         return self.cache.get_stats(local=local)
 
-    def __get__(self, instance: Any, owner: type | None = None) -> Any:
-        if instance is None:
-            return self
-        return functools.partial(self, instance)
+
+def _wrap(controls: _Controls[P, R]) -> CachedFunction[P, R]:
+    """Build the wrapper function: a plain function (not an object) so a hit stays cheap."""
+    cache_obj = controls.cache
+    lookup = controls.lookup
+    plain = controls._key_func is None and controls._vary_on is None
+
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        if plain and not kwargs and len(args) == 1 and type(args[0]) is str:
+            # The commonest call shape, f("id"): the key encode_call makes, built inline.
+            arg = args[0]
+            stack = cache_obj._stack or cache_obj._bind()
+            return stack.get(f"s{len(arg)}:{arg}", cache_obj.options.resolver)
+        return lookup(*args, **kwargs)
+
+    functools.update_wrapper(wrapper, controls.original)
+    wrapper.cache = cache_obj  # type: ignore[attr-defined]
+    wrapper.original = controls.original  # type: ignore[attr-defined]
+    wrapper.key_for = controls.key_for  # type: ignore[attr-defined]
+    wrapper.invalidate = controls.invalidate  # type: ignore[attr-defined]
+    wrapper.refresh = controls.refresh  # type: ignore[attr-defined]
+    wrapper.get_stats = controls.get_stats  # type: ignore[attr-defined]
+    return cast("CachedFunction[P, R]", wrapper)
 
 
 def refreshing_cache(
@@ -146,11 +190,11 @@ def refreshing_cache(
             if (ttl is not None or stale_ttl is not None)
             else 0
         )
-        holder: dict[str, CachedFunction[P, R]] = {}
+        holder: dict[str, _Controls[P, R]] = {}
 
         def resolve(key: str) -> Any:
-            # Bound late: the CachedFunction is built after its cache.
-            return holder["f"]._resolve(key)
+            # Bound late: the controls are built after their cache.
+            return holder["f"].resolve(key)
 
         cache_obj = cache(
             cache_name,
@@ -166,8 +210,8 @@ def refreshing_cache(
             clock=clock,
             resolver=resolve,
         )
-        wrapped = CachedFunction(func, cache_obj, key, vary_on)
-        holder["f"] = wrapped
-        return wrapped
+        controls = _Controls(func, cache_obj, key, vary_on)
+        holder["f"] = controls
+        return _wrap(controls)
 
     return decorate

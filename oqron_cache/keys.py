@@ -167,6 +167,12 @@ class _Unstable(Exception):
     pass
 
 
+class _Parts(list[str]):
+    """Encoded parts, plus whether the key can be decoded back into arguments."""
+
+    opaque = False
+
+
 def _enc(value: Any, out: list[str]) -> None:
     """Append the typed, length-prefixed encoding of ``value`` to ``out``."""
     cls = type(value)
@@ -193,26 +199,32 @@ def _enc(value: Any, out: list[str]) -> None:
     elif cls is frozenset or cls is set:
         parts = []
         for item in value:
-            sub: list[str] = []
+            sub = _Parts()
             _enc(item, sub)
+            if sub.opaque:
+                _mark_opaque(out)
             parts.append("".join(sub))
         parts.sort()
         out.append(f"z{len(parts)}(" + "".join(parts) + ")")
     elif cls is dict:
         items = []
         for k, v in value.items():
-            sub = []
+            sub = _Parts()
             _enc(k, sub)
             _enc(v, sub)
+            if sub.opaque:
+                _mark_opaque(out)
             items.append("".join(sub))
         items.sort()
         out.append(f"d{len(items)}(" + "".join(items) + ")")
     elif hasattr(value, "__cache_key__"):
         inner = value.__cache_key__()
+        _mark_opaque(out)
         name = f"{cls.__module__}.{cls.__qualname__}"
         out.append(f"o{len(name)}:{name}")
         _enc(inner, out)
     elif isinstance(value, enum.Enum):
+        _mark_opaque(out)
         name = f"{cls.__module__}.{cls.__qualname__}"
         out.append(f"e{len(name)}:{name}")
         _enc(value.name, out)
@@ -222,6 +234,11 @@ def _enc(value: Any, out: list[str]) -> None:
         out.append(f"{tag}{len(text)}:{text}")
     else:
         raise _Unstable(cls.__name__)
+
+
+def _mark_opaque(out: list[str]) -> None:
+    if isinstance(out, _Parts):
+        out.opaque = True
 
 
 _SCALARS: Mapping[type, str] = {
@@ -242,7 +259,15 @@ def encode_call(
     Raises :class:`InvalidKeyError` (a ``TypeError``) naming the argument that has no stable
     encoding.
     """
-    out: list[str] = []
+    return encode_call_ex(func_name, params, args, kwargs)[0]
+
+
+def encode_call_ex(
+    func_name: str, params: tuple[str, ...], args: tuple[Any, ...], kwargs: Mapping[str, Any]
+) -> tuple[str, bool]:
+    """Like :func:`encode_call`, also saying whether :func:`decode_call` can rebuild the call
+    (False when an argument is a ``__cache_key__`` object or an enum)."""
+    out = _Parts()
     for index, value in enumerate(args):
         try:
             _enc(value, out)
@@ -257,7 +282,7 @@ def encode_call(
                 _enc(kwargs[name], out)
             except _Unstable as exc:
                 raise _unstable_error(func_name, name, str(exc)) from None
-    return "".join(out)
+    return "".join(out), not out.opaque
 
 
 def _unstable_error(func_name: str, arg: str, type_name: str) -> InvalidKeyError:

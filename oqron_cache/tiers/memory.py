@@ -42,17 +42,24 @@ class _CountingLRU(LRUCache[str, L1Item]):
 class MemoryStore:
     """L1 store of one cache. Thread-safe; bounded by ``max_size`` entries (promise P9)."""
 
-    __slots__ = ("_data", "_lock", "max_size")
+    __slots__ = ("_data", "_lock", "data", "lock", "max_size")
 
     def __init__(self, max_size: int) -> None:
         self.max_size = max_size
         self._data = _CountingLRU(maxsize=max_size)
         self._lock = threading.Lock()
+        # Exposed for the read path's inlined hit lookup (CacheStack.get); hold ``lock``.
+        self.data = self._data
+        self.lock = self._lock
 
     def get(self, key: str) -> L1Item | None:
         """The item for ``key`` (marking it recently used), or ``None``."""
+        # LRUCache.get() costs an extra __contains__; indexing is the cheaper hit.
         with self._lock:
-            return self._data.get(key)
+            try:
+                return self._data[key]
+            except KeyError:
+                return None
 
     def put(self, key: str, item: L1Item) -> None:
         """Store ``item`` under ``key``, evicting the least recently used entry when full."""
