@@ -109,6 +109,7 @@ class CacheStack:
     ) -> Any:
         now = self.clock()
         fallback: Any = _MISSING  # a value we may still serve if everything below fails
+        l1_fresh = False  # L1's copy is fresh; only its per-process bound (l1 ttl) has passed
         if item is not None:
             action = decide(item.fresh_until, item.stale_until, now, self._can_swr(resolver))
             if action is Action.SERVE_AND_REFRESH:
@@ -117,6 +118,7 @@ class CacheStack:
                 return item.value
             if action is Action.SERVE:  # fresh, but this process's copy is due for a look below
                 fallback = item.value
+                l1_fresh = True
             elif now < item.stale_until:
                 fallback = item.value  # stale and no SWR: load, but fail-safe to this
             else:
@@ -138,7 +140,7 @@ class CacheStack:
                 return entry.value
             if now < entry.stale_until:
                 fallback = entry.value
-        elif found is None and fallback is not _MISSING:
+        elif found is None and l1_fresh:
             return fallback  # L2 unavailable and L1 still holds a fresh copy: serve it (P1)
         if resolver is None:
             return default
