@@ -46,7 +46,7 @@ def decode_message(data: bytes) -> tuple[str, str, str, list[str]] | None:
         return None
     try:
         msg = json.loads(data)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: "[[[[..." nested beyond the stack
         return None
     if not isinstance(msg, dict):
         return None
@@ -182,12 +182,14 @@ class Bus:
                 raise ConnectionError("no answer from redis on the bus connection")
 
     def _up(self) -> None:
-        if not self.healthy:
-            if self._subscribed.is_set():
-                self.reconnects += 1
-                self._on_lost()  # messages may have been missed while we were away
-            self.healthy = True
-            self._subscribed.set()
+        # Any confirmation after the first is a resubscription: messages may have been missed
+        # while we were away (even if the client reconnected on its own), so flush again.
+        if self._subscribed.is_set():
+            self.reconnects += 1
+            self._on_lost()
+            self.waiters.wake_all()
+        self.healthy = True
+        self._subscribed.set()
 
     def _lost(self) -> None:
         if self._stop.is_set():

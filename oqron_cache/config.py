@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import ssl
 import threading
 import warnings
@@ -32,12 +33,14 @@ def mask_url(url: str) -> str:
         parts = urlsplit(url)
     except ValueError:
         return "<unparsable url>"
-    if parts.password is None:
+    netloc = parts.netloc
+    if parts.password is not None:
+        # Keep the host part exactly as written (IPv6 brackets, port).
+        netloc = f"{parts.username or ''}:***@{netloc.rpartition('@')[2]}"
+    query = re.sub(r"(?i)((?:^|&)password=)[^&]*", r"\1***", parts.query)
+    if netloc == parts.netloc and query == parts.query:
         return url
-    user = parts.username or ""
-    host = parts.hostname or ""
-    port = f":{parts.port}" if parts.port else ""
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}{port}"))
+    return urlunsplit(parts._replace(netloc=netloc, query=query))
 
 
 def validate_redis_url(url: object) -> str:
@@ -113,7 +116,7 @@ def configure(
     """
     from .runtime import Runtime
 
-    global _runtime  # noqa: PLW0603 - the process-wide configuration is module state by design
+    global _runtime
     url = redis_url if redis_url is not None else os.environ.get("OQRON_REDIS_URL") or None
     if url is not None:
         validate_redis_url(url)
@@ -127,13 +130,17 @@ def configure(
     if celery_app is not None:
         check_celery_app(celery_app)
     settings = Settings(url, ns, celery_app, timeout, connect, clock)
+    new = Runtime(settings)
+    try:
+        new.start()  # fails fast on bad credentials or TLS: the old configuration stays
+    except BaseException:
+        new.close()
+        raise
     with _lock:
-        old = _runtime
-        _runtime = Runtime(settings)
+        old, _runtime = _runtime, new
     _unbind_all()
     if old is not None:
         old.close()
-    _runtime.start()
     return settings
 
 
@@ -150,12 +157,18 @@ def check_celery_app(app: Any) -> None:
     if conf is None:
         raise TypeError(f"celery_app must be a celery.Celery; got {type(app).__name__}")
     for setting in ("task_serializer", "result_serializer"):
-        if str(conf.get(setting, "json")).lower() == "pickle":
+        if _is_pickle(conf.get(setting, "json")):
             raise ConfigurationError(f"pickle is not allowed; use json (celery {setting})")
     for setting in ("accept_content", "result_accept_content"):
         accepted = conf.get(setting) or []
-        if any("pickle" in str(item).lower() for item in accepted):
+        if any(_is_pickle(item) for item in accepted):
             raise ConfigurationError(f"pickle is not allowed; use json (celery {setting})")
+
+
+def _is_pickle(content_type: object) -> bool:
+    # kombu registers pickle both as "pickle" and as its content type.
+    text = str(content_type).lower()
+    return "pickle" in text or "x-python-serialize" in text
 
 
 def current_runtime(create: bool = True) -> Any:

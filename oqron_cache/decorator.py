@@ -51,18 +51,18 @@ class CachedFunction(Protocol[P, R]):
 class _Controls(Generic[P, R]):
     """The key encoding and controls behind one decorated function."""
 
+    cache: Cache  # set right after the cache is declared (it needs self.resolve)
+
     def __init__(
         self,
         func: Callable[P, R],
-        cache_obj: Cache,
         key: Callable[..., str] | None,
         vary_on: Callable[[], Any] | None,
     ) -> None:
         self.original = func
-        self.cache = cache_obj
         self._key_func = key
         self._vary_on = vary_on
-        self.qualname = f"{func.__module__}.{func.__qualname__}"
+        self.qualname = callable_name(func)
         sig = inspect.signature(func)
         self._params = tuple(
             p.name
@@ -123,6 +123,14 @@ class _Controls(Generic[P, R]):
         return self.cache.get_stats(local=local)
 
 
+def callable_name(func: Callable[..., Any]) -> str:
+    """``module.qualname`` of a function, a ``functools.partial`` or a callable object."""
+    target = func.func if isinstance(func, functools.partial) else func
+    qualname = getattr(target, "__qualname__", None) or type(target).__qualname__
+    module = getattr(target, "__module__", None) or type(target).__module__
+    return f"{module}.{qualname}"
+
+
 def _wrap(controls: _Controls[P, R]) -> CachedFunction[P, R]:
     """Build the wrapper function: a plain function (not an object) so a hit stays cheap."""
     cache_obj = controls.cache
@@ -177,7 +185,7 @@ def refreshing_cache(
     def decorate(func: Callable[P, R]) -> CachedFunction[P, R]:
         if not callable(func):
             raise TypeError(f"refreshing_cache decorates functions; got {type(func).__name__}")
-        label = f"{getattr(func, '__module__', '?')}.{getattr(func, '__qualname__', '?')}"
+        label = callable_name(func)
         if inspect.isgeneratorfunction(func) or inspect.isasyncgenfunction(func):
             raise TypeError(
                 f"{label} is a generator function; caching it would cache a generator object"
@@ -185,21 +193,19 @@ def refreshing_cache(
         if inspect.iscoroutinefunction(func):
             raise TypeError(f"{label} is async; refreshing_cache supports sync functions only")
         cache_name = name or label.replace("<", "").replace(">", "")
-        stale = (
-            parse_duration(ttl if stale_ttl is None else stale_ttl, "stale_ttl", allow_zero=True)
-            if (ttl is not None or stale_ttl is not None)
-            else 0
-        )
-        holder: dict[str, _Controls[P, R]] = {}
-
-        def resolve(key: str) -> Any:
-            # Bound late: the controls are built after their cache.
-            return holder["f"].resolve(key)
+        # ttl first, under its own name: a bad ttl must not be reported as a bad stale_ttl.
+        fresh = parse_duration(ttl, "ttl") if ttl is not None else None
+        if stale_ttl is not None:
+            stale = parse_duration(stale_ttl, "stale_ttl", allow_zero=True)
+        else:
+            stale = fresh if fresh is not None else 0.0
+        # Everything that can fail about the function itself fails before the name is taken.
+        controls = _Controls(func, key, vary_on)
 
         cache_obj = cache(
             cache_name,
             tiers=tiers,
-            ttl=ttl if tiers is None else None,
+            ttl=fresh if tiers is None else None,
             stale_ttl=stale,
             stampede=stampede,
             strategy=strategy,
@@ -208,10 +214,9 @@ def refreshing_cache(
             max_size=max_size,
             max_value_bytes=max_value_bytes,
             clock=clock,
-            resolver=resolve,
+            resolver=controls.resolve,
         )
-        controls = _Controls(func, cache_obj, key, vary_on)
-        holder["f"] = controls
+        controls.cache = cache_obj
         return _wrap(controls)
 
     return decorate

@@ -15,6 +15,7 @@ from .errors import ConfigurationError
 
 Duration = str | int | float | timedelta
 
+MAX_SECONDS = 100 * 365 * 86400.0
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 _PATTERN = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)\s*$")
 
@@ -51,6 +52,11 @@ def parse_duration(value: object, name: str, *, allow_zero: bool = False) -> flo
         )
     if math.isnan(seconds) or math.isinf(seconds):
         raise ConfigurationError(f"{name} must be finite; got {value!r}")
+    if seconds > MAX_SECONDS:
+        raise ConfigurationError(
+            f"{name}={value!r} is longer than {MAX_SECONDS:.0f}s (100 years): Redis TTLs "
+            "cannot hold it"
+        )
     if seconds < 0 or (seconds == 0 and not allow_zero):
         bound = ">= 0" if allow_zero else "> 0"
         raise ConfigurationError(f"{name} must be {bound}; got {value!r}")

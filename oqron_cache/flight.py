@@ -9,13 +9,14 @@ from typing import Any
 class Flight:
     """One in-progress load of a key in this process."""
 
-    __slots__ = ("done", "error", "followers", "value")
+    __slots__ = ("done", "error", "followers", "loaded", "value")
 
     def __init__(self) -> None:
         self.done = threading.Event()
         self.value: Any = None
         self.error: BaseException | None = None
         self.followers = 0
+        self.loaded = False  # the leader ran (or waited for) a resolver, rather than hit L2
 
     def wait(self) -> Any:
         """Block until the leader finishes; return its value or raise its error."""

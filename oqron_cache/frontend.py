@@ -10,7 +10,7 @@ from . import registry
 from .config import current_runtime
 from .durations import Duration, parse_duration, positive_int
 from .errors import ConfigurationError, InvalidKeyError
-from .keys import validate_cache_name
+from .keys import Glob, validate_cache_name
 from .metrics import Stats
 from .options import (
     CacheOptions,
@@ -34,9 +34,14 @@ UNLINK_BATCH = 500
 
 
 def _bad_key(key: object) -> Exception:
-    if not isinstance(key, str):
+    if type(key) is not str:
         return InvalidKeyError(f"cache keys must be str; got {type(key).__name__}")
     return ConfigurationError("cache keys must not be empty")
+
+
+def _matches_everything(pattern: str) -> bool:
+    # "*", "**", "?*", "*?*": every non-empty key matches (keys are never empty).
+    return set(pattern) <= {"*", "?"} and "*" in pattern and pattern.count("?") <= 1
 
 
 class Cache:
@@ -114,30 +119,38 @@ class Cache:
         """
         if not isinstance(pattern, str):
             raise TypeError(f"pattern must be a str; got {type(pattern).__name__}")
-        if not pattern or (set(pattern) <= {"*"} and not allow_all):
+        if not pattern or (_matches_everything(pattern) and not allow_all):
             raise ConfigurationError(
                 f"invalidate_pattern({pattern!r}) would drop the whole cache {self.name!r}; "
                 "pass allow_all=True if that is what you mean"
             )
+        glob = Glob(pattern)
         stack = self.stack
         removed = 0
         if stack.l2 is not None:
-            match = stack.l2.keys.match_values(pattern)
-            client = stack.l2.conn.client
+            l2 = stack.l2
+            client = l2.conn.client
             try:
                 batch: list[bytes] = []
-                for rkey in stack.l2.conn.run(client.scan_iter, match=match, count=SCAN_COUNT):
+                for rkey in l2.conn.run(
+                    client.scan_iter, match=l2.keys.match_values(glob), count=SCAN_COUNT
+                ):
+                    user_key = l2.keys.user_key(rkey.decode("utf-8", "surrogateescape"))
+                    if user_key is None or not glob.matches(user_key):
+                        continue  # SCAN's pattern is a superset; the glob decides
                     batch.append(rkey)
                     if len(batch) >= UNLINK_BATCH:
-                        removed += cast(int, stack.l2.conn.run(client.unlink, *batch))
+                        removed += cast(int, l2.conn.run(client.unlink, *batch))
                         batch.clear()
                 if batch:
-                    removed += cast(int, stack.l2.conn.run(client.unlink, *batch))
+                    removed += cast(int, l2.conn.run(client.unlink, *batch))
+                l2.conn.run(client.publish, l2.channel, stack._message("clear", []))
             except L2Unavailable:
                 stack.stats.incr("l2_errors")
-            stack.l2.conn.run(client.publish, stack.l2.channel, stack._message("clear", []))
         if stack.l1 is not None:
-            stack.l1.clear()
+            for key in stack.l1.keys():  # noqa: SIM118 - MemoryStore.keys() is a locked snapshot
+                if glob.matches(key):
+                    stack.l1.discard(key)
         return removed
 
     def invalidate_by_tag(self, tag: str) -> int:

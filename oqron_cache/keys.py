@@ -27,6 +27,7 @@ import re
 import uuid
 from collections.abc import Callable, Mapping
 from typing import Any
+from urllib.parse import unquote
 
 from .errors import ConfigurationError, InvalidKeyError
 
@@ -70,40 +71,69 @@ def escape(text: str) -> str:
     return "".join(out)
 
 
-def escape_glob(pattern: str) -> str:
-    """Escape a user glob so that only its ``*``, ``?`` and ``[...]`` keep their meaning.
+class Glob:
+    """A user's glob over the keys of one cache: ``*``, ``?``, ``[abc]``/``[^a-z]``, ``\\x``.
 
-    Literal characters are escaped exactly as :func:`escape` does, so the result matches the
-    escaped form of the keys. ``\\x`` in the user's pattern means a literal ``x``.
+    Keys are stored escaped (a space is ``%20``), so a ``?`` cannot be expressed in Redis's own
+    glob over the escaped form. ``scan`` is therefore a SCAN MATCH fragment that matches a
+    superset (``?`` and classes widen to ``*``; literal text is escaped like keys, so it holds no
+    glob character), and :meth:`matches` decides exactly on the unescaped key.
     """
-    out: list[str] = []
-    i = 0
-    while i < len(pattern):
-        ch = pattern[i]
-        if ch == "\\" and i + 1 < len(pattern):
-            out.append(escape(pattern[i + 1]))
-            i += 2
-            continue
-        if ch in "*?":
-            out.append(ch)
-        elif ch == "[":
-            end = pattern.find("]", i + 1)
-            if end == -1:
-                raise ConfigurationError(f"pattern {pattern!r} has an unclosed '['")
-            body = pattern[i + 1 : end]
-            negate = body.startswith("^")
-            chars = body[1:] if negate else body
-            if not chars or not all(c in _SAFE and c != "-" for c in chars):
-                raise ConfigurationError(
-                    f"pattern {pattern!r}: a [...] class may hold only plain ASCII characters "
-                    "(no ranges)"
-                )
-            out.append("[" + ("^" if negate else "") + chars + "]")
-            i = end
-        else:
-            out.append(escape(ch))
-        i += 1
-    return "".join(out)
+
+    __slots__ = ("pattern", "regex", "scan")
+
+    def __init__(self, pattern: str) -> None:
+        self.pattern = pattern
+        scan: list[str] = []
+        regex: list[str] = []
+        i = 0
+        while i < len(pattern):
+            ch = pattern[i]
+            if ch == "\\" and i + 1 < len(pattern):
+                scan.append(escape(pattern[i + 1]))
+                regex.append(re.escape(pattern[i + 1]))
+                i += 2
+                continue
+            if ch in "*?":
+                scan.append("*")
+                regex.append(".*" if ch == "*" else ".")
+            elif ch == "[":
+                end = pattern.find("]", i + 2)
+                if end == -1:
+                    raise ConfigurationError(f"pattern {pattern!r} has an unclosed '['")
+                body = pattern[i + 1 : end]
+                negate = body.startswith("^")
+                chars = body[1:] if negate else body
+                parts = [
+                    c if c == "-" and 0 < k < len(chars) - 1 else re.escape(c)
+                    for k, c in enumerate(chars)
+                ]
+                regex.append("[" + ("^" if negate else "") + "".join(parts) + "]")
+                scan.append("*")
+                i = end
+            else:
+                scan.append(escape(ch))
+                regex.append(re.escape(ch))
+            i += 1
+        self.scan = re.sub(r"\*+", "*", "".join(scan))
+        try:
+            self.regex = re.compile("".join(regex), re.DOTALL)
+        except re.error as exc:
+            raise ConfigurationError(f"pattern {pattern!r} is not a valid glob: {exc}") from None
+
+    def matches(self, key: str) -> bool:
+        """Does the (unescaped) cache key ``key`` match the pattern?"""
+        return self.regex.fullmatch(key) is not None
+
+
+def escape_glob(pattern: str) -> str:
+    """The SCAN MATCH fragment of a user glob (see :class:`Glob`)."""
+    return Glob(pattern).scan
+
+
+def unescape(text: str) -> str:
+    """Invert :func:`escape`."""
+    return unquote(text, encoding="utf-8", errors="surrogatepass")
 
 
 def printable(key: str, limit: int = 80) -> str:
@@ -139,9 +169,17 @@ class KeySpace:
         """Redis key of the entry's fill/refresh lock (same hash tag as the value)."""
         return f"{self.prefix}{self.encoded(key)}}}:l"
 
-    def match_values(self, user_pattern: str) -> str:
-        """A SCAN MATCH pattern for the value keys whose user key matches ``user_pattern``."""
-        return f"{glob_literal(self.prefix)}{escape_glob(user_pattern)}}}:v"
+    def match_values(self, user_pattern: str | Glob) -> str:
+        """A SCAN MATCH pattern for (a superset of) the value keys matching ``user_pattern``."""
+        glob = user_pattern if isinstance(user_pattern, Glob) else Glob(user_pattern)
+        return f"{glob_literal(self.prefix)}{glob.scan}}}:v"
+
+    def user_key(self, redis_key: str) -> str | None:
+        """The cache key of a value key of this cache; ``None`` for hashed (over-long) keys."""
+        if not (redis_key.startswith(self.prefix) and redis_key.endswith("}:v")):
+            return None
+        encoded = redis_key[len(self.prefix) : -3]
+        return None if encoded.startswith("#") else unescape(encoded)
 
 
 def glob_literal(text: str) -> str:

@@ -35,7 +35,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("oqron_cache")
 
 
-def make_client(settings: Settings) -> redis.Redis:
+def make_client(settings: Settings, retries: int = 1) -> redis.Redis:
     """A redis-py client with explicit timeouts and at most one immediate retry.
 
     redis-py 6 retries 3 times with backoff by default (about 9 s against a paused server); we
@@ -47,7 +47,7 @@ def make_client(settings: Settings) -> redis.Redis:
         settings.redis_url,
         socket_timeout=settings.op_timeout,
         socket_connect_timeout=settings.connect_timeout,
-        retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
+        retry=Retry(NoBackoff(), retries, supported_errors=(RedisConnectionError,)),
         retry_on_timeout=False,
         client_name="oqron-cache",
         max_connections=256,
@@ -69,8 +69,13 @@ class Runtime:
         if settings.redis_url is not None:
             self.client = make_client(settings)
             self.conn = RedisConn(self.client, CircuitBreaker())
+            # The bus has its own client without retries: a dropped subscription must surface
+            # as an error here (and flush L1), not be silently re-established by redis-py.
             self.bus = Bus(
-                self.client, bus_channel(settings.namespace), self._on_bus, self.flush_l1
+                make_client(settings, retries=0),
+                bus_channel(settings.namespace),
+                self._on_bus,
+                self.flush_l1,
             )
 
     def start(self) -> None:
@@ -148,6 +153,8 @@ class Runtime:
         """Stop the bus and the dispatcher, close connections."""
         if self.bus is not None:
             self.bus.stop()
+            with contextlib.suppress(Exception):  # closing is best effort
+                self.bus.client.close()
         self.dispatcher.stop()
         if self.client is not None:
             with contextlib.suppress(Exception):  # closing is best effort

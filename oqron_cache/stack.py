@@ -99,6 +99,8 @@ class CacheStack:
                     if self._sliding:
                         item.fresh_until = now + self.opts.ttl
                         item.stale_until = item.fresh_until + self.opts.stale_ttl
+                        if self.l2 is None:  # L1 is the last tier: its copy's bound slides too
+                            item.l1_until = item.fresh_until
                     if sample:
                         self.stats.observe("memory", time.perf_counter() - started)
                     return item.value
@@ -123,6 +125,39 @@ class CacheStack:
                 fallback = item.value  # stale and no SWR: load, but fail-safe to this
             else:
                 self.l1.discard(key, item.version)  # type: ignore[union-attr]
+        if resolver is None:
+            return self._below_l1(key, now, None, default, fallback, l1_fresh)[0]
+        # Single-flight from here on: one thread per key and process goes to L2 (and maybe the
+        # resolver); the others wait for it. Reading L2 before joining would send every
+        # thread's GET to Redis and queue the leader behind them.
+        flight, leader = self.flights.join(key)
+        if not leader:
+            try:
+                return flight.wait()
+            finally:
+                if flight.loaded:  # the leader loaded (or failed to): one load served us all
+                    self.stats.incr("misses")
+                    self.stats.incr("stampede_prevented")
+        try:
+            value, loaded = self._below_l1(key, now, resolver, default, fallback, l1_fresh)
+        except BaseException as exc:
+            flight.loaded = True
+            self.flights.finish(key, flight, error=exc)
+            raise
+        flight.loaded = loaded
+        self.flights.finish(key, flight, value)
+        return value
+
+    def _below_l1(
+        self,
+        key: str,
+        now: float,
+        resolver: Resolver | None,
+        default: Any,
+        fallback: Any,
+        l1_fresh: bool,
+    ) -> tuple[Any, bool]:
+        """L2, then the resolver. Returns the value and whether it had to be loaded."""
         found = self._read_l2(key)
         if found is not None and found.entry is not None:
             entry = found.entry
@@ -132,27 +167,31 @@ class CacheStack:
                 if self._sliding:
                     entry = self._slide(key, entry, now)
                 self._put_l1(key, entry)
-                return entry.value
+                return entry.value, False
             if action is Action.SERVE_AND_REFRESH:
                 self.stats.incr("stale_served")
                 self._put_l1(key, entry)
                 self._request_refresh(key, entry.version)
-                return entry.value
+                return entry.value, False
             if now < entry.stale_until:
                 fallback = entry.value
         elif found is None and l1_fresh:
-            return fallback  # L2 unavailable and L1 still holds a fresh copy: serve it (P1)
-        if resolver is None:
-            return default
+            return fallback, False  # L2 unavailable and L1 still holds a fresh copy: serve it (P1)
         self.stats.incr("misses")
-        return self._load(key, resolver, fallback)
+        if resolver is None:
+            return default, False
+        return self._load_as_leader(key, resolver, fallback, found), True
 
     def _can_swr(self, resolver: Resolver | None) -> bool:
         # A stale value can only be refreshed in the background by the cache's own resolver.
         return self._swr and self.opts.resolver is not None and resolver is self.opts.resolver
 
-    def _read_l2(self, key: str) -> Found | None:
-        """Read ``key`` from L2. ``None`` if L2 is absent or unavailable."""
+    def _read_l2(self, key: str, recheck: bool = False) -> Found | None:
+        """Read ``key`` from L2. ``None`` if L2 is absent or unavailable.
+
+        ``recheck`` marks a second read of the same key in one get (not counted as corrupt
+        again).
+        """
         if self.l2 is None:
             return None
         started = time.perf_counter()
@@ -172,6 +211,8 @@ class CacheStack:
                 raise Corrupt(f"codec id {codec_id}")
             entry.value = self.codec.decode(payload)
         except (Corrupt, ValueError, TypeError) as exc:
+            if recheck:
+                return Found(None, raw[2:10])
             self.stats.incr("corrupt")
             log.warning(
                 "cache %s: unreadable L2 entry for %s treated as a miss (%s)",
@@ -203,28 +244,19 @@ class CacheStack:
 
     # ------------------------------------------------------------------ cold misses
 
-    def _load(self, key: str, resolver: Resolver, fallback: Any) -> Any:
-        """Single-flight in this process; the leader goes on to the cross-process protocol."""
-        flight, leader = self.flights.join(key)
-        if not leader:
-            self.stats.incr("stampede_prevented")
-            return flight.wait()
-        try:
-            value = self._load_as_leader(key, resolver, fallback)
-        except BaseException as exc:
-            self.flights.finish(key, flight, error=exc)
-            raise
-        self.flights.finish(key, flight, value)
-        return value
+    def _load_as_leader(
+        self, key: str, resolver: Resolver, fallback: Any, first: Found | None = None
+    ) -> Any:
+        """Across processes: take the key's lock and load, or wait for the holder's fill.
 
-    def _load_as_leader(self, key: str, resolver: Resolver, fallback: Any) -> Any:
-        """Across processes: take the key's lock and load, or wait for the holder's fill."""
+        ``first`` is the L2 read the caller just made (saves one round trip).
+        """
         if self.l1 is not None:  # a flight that just ended may have filled L1: check again
             item = self.l1.get(key)
             if item is not None and self.clock() < item.fresh_until:
                 return item.value
         if self.l2 is None or not self.opts.stampede.enabled:
-            found = self._read_l2(key)
+            found = self._read_l2(key, recheck=True)
             return self._compute(key, resolver, found.seen if found else NO_VERSION, "", fallback)
         lock_ttl = self.opts.stampede.lock_ttl
         deadline = time.monotonic() + lock_ttl
@@ -232,7 +264,8 @@ class CacheStack:
         event = None
         try:
             while True:
-                found = self._read_l2(key)
+                found = first if first is not None else self._read_l2(key, recheck=True)
+                first = None
                 if found is None:  # L2 unavailable: nobody to coordinate with
                     return self._compute(key, resolver, NO_VERSION, "", fallback)
                 if found.entry is not None and self.clock() < found.entry.fresh_until:
@@ -248,7 +281,7 @@ class CacheStack:
                     return self._compute(key, resolver, NO_VERSION, "", fallback)
                 if won:
                     # The holder we waited for may have filled it just before we locked.
-                    again = self._read_l2(key)
+                    again = self._read_l2(key, recheck=True)
                     if (
                         again is not None
                         and again.entry is not None
@@ -352,7 +385,9 @@ class CacheStack:
         """Write a resolved value to L2 (only if still at ``seen``) and to L1."""
         try:
             entry = self._entry(key, value, delta)
-            envelope = self._encode(key, entry) if self.l2 is not None else b""
+            # Encoded even without L2: the same values are cacheable whatever the tiers, and
+            # max_value_bytes bounds L1 too (P9).
+            envelope = self._encode(key, entry)
         except BaseException:
             if token:
                 self._release(key, token)
@@ -380,11 +415,11 @@ class CacheStack:
         """Write ``value`` to every tier and tell other processes to drop their copy."""
         self.stats.incr("sets")
         entry = self._entry(key, value, 0.0)
+        envelope = self._encode(key, entry)
+        if envelope is None:  # too large to cache: at least stop serving the old value
+            self.delete(key)
+            return
         if self.l2 is not None:
-            envelope = self._encode(key, entry)
-            if envelope is None:  # too large to cache: at least stop serving the old value
-                self.delete(key)
-                return
             try:
                 self.l2.put(
                     key,
@@ -410,7 +445,7 @@ class CacheStack:
         now = self.clock()
         tomb = Entry(None, now, now, now, new_version(), tombstone=True)
         try:
-            self.l2.put(
+            self.l2.tombstone(
                 key,
                 pack(tomb, self.codec.codec_id, b""),
                 self._tombstone_ttl,

@@ -67,6 +67,21 @@ redis.call('PUBLISH', ARGV[3], ARGV[4])
 return 1
 """
 
+# KEYS[1] - the entry's value key
+# ARGV[1] - the tombstone envelope (a new version, no value)
+# ARGV[2] - physical TTL of the tombstone, ms
+# ARGV[3] - bus channel
+# ARGV[4] - bus message
+# A delete: drop the value first (DEL is allowed even when Redis is out of memory), announce it,
+# then leave the tombstone that makes in-flight older fills fail their compare-and-set. If the
+# tombstone cannot be written (OOM), the delete has still happened.
+_TOMBSTONE = """
+redis.call('DEL', KEYS[1])
+redis.call('PUBLISH', ARGV[3], ARGV[4])
+redis.pcall('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+return 1
+"""
+
 # KEYS[1] - the lock key
 # ARGV[1] - the token of the holder
 # Compare-and-delete: a holder can only release its own lock.
@@ -123,6 +138,7 @@ class RedisConn:
         self.release_script = client.register_script(_RELEASE)
         self.extend_script = client.register_script(_EXTEND)
         self.touch_script = client.register_script(_TOUCH)
+        self.tombstone_script = client.register_script(_TOMBSTONE)
 
     def run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Call ``fn`` through the breaker; raise :class:`L2Unavailable` on any Redis failure.
@@ -203,6 +219,11 @@ class RedisStore:
         """Write ``envelope`` unconditionally (a set or a tombstone) and announce it."""
         args = [envelope, max(1, int(ttl * 1000)), self.channel, message]
         self.conn.run(self.conn.put_script, keys=[self.keys.value(key)], args=args)
+
+    def tombstone(self, key: str, envelope: bytes, ttl: float, message: bytes) -> None:
+        """Delete ``key``'s value, announce it, and leave ``envelope`` (a tombstone) behind."""
+        args = [envelope, max(1, int(ttl * 1000)), self.channel, message]
+        self.conn.run(self.conn.tombstone_script, keys=[self.keys.value(key)], args=args)
 
     def touch(
         self, key: str, version: bytes, fresh_until: float, stale_until: float, ttl: float

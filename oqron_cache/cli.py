@@ -1,0 +1,144 @@
+"""The ``oqron-cache`` command; ``python -m oqron_cache`` runs the same :func:`main`.
+
+Subcommands: ``demo`` (stampede protection shown with concurrent requests; see
+:mod:`oqron_cache.demo`) and ``version``. Exit codes: 0 on success, 1 when the command failed,
+2 for a usage error, 130 when interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import sys
+from collections.abc import Callable, Sequence
+
+from . import __version__
+from .errors import ConfigurationError
+
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+
+_DEMO_DESCRIPTION = """\
+Show stampede protection at work. Three phases, each a burst of concurrent get() calls from
+several threads in several processes on one key, with a resolver that sleeps 50 ms:
+
+  cold key     never cached: one caller runs the resolver, the callers in flight wait for it
+  expired key  past ttl + stale_ttl: never served, loaded again once
+  stale key    past ttl, within stale_ttl: served at once, one background refresh
+
+It ends with a table of requests, resolver calls, stampedes prevented, stale values served,
+errors and latencies. If Redis does not answer, the demo says so and runs on the memory tier
+alone. Its keys live under the namespace demo-<pid> and are deleted at the end.
+"""
+
+
+def _bounded_int(low: int, high: int) -> Callable[[str], int]:
+    """An argparse ``type=`` accepting whole numbers from ``low`` to ``high``."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"{value} is not in {low}..{high}")
+        return value
+
+    return parse
+
+
+def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
+    """The top-level parser and its subcommand parsers by name."""
+    parser = argparse.ArgumentParser(
+        prog="oqron-cache",
+        description="oqron-cache: a two-tier cache (in-process L1 + Redis L2) with "
+        "cross-process stampede protection.",
+        epilog="Run 'oqron-cache COMMAND --help' for the options of a command.",
+    )
+    parser.add_argument("-V", "--version", action="version", version=f"oqron-cache {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    demo = commands.add_parser(
+        "demo",
+        help="show stampede protection: many concurrent requests, one resolver call",
+        description=_DEMO_DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    demo.add_argument(
+        "--redis-url",
+        default=os.environ.get("OQRON_REDIS_URL") or DEFAULT_REDIS_URL,
+        metavar="URL",
+        help=f"Redis for the L2 tier (default: $OQRON_REDIS_URL, else {DEFAULT_REDIS_URL})",
+    )
+    demo.add_argument(
+        "--requests",
+        type=_bounded_int(1, 100_000),
+        metavar="N",
+        help="requests per phase, spread over every process (default: 1000; 200 with --quick)",
+    )
+    demo.add_argument(
+        "--processes",
+        type=_bounded_int(1, 16),
+        metavar="N",
+        help="processes sending requests, this one included (default: 4; 2 with --quick)",
+    )
+    demo.add_argument(
+        "--threads",
+        type=_bounded_int(1, 200),
+        metavar="N",
+        help="threads per process, all started at the same instant; each sends its share of "
+        "the requests one after the other (default: 25; 10 with --quick)",
+    )
+    demo.add_argument(
+        "--quick",
+        action="store_true",
+        help="a smaller run (200 requests, 2 processes x 10 threads), for tests and slow machines",
+    )
+
+    version = commands.add_parser(
+        "version",
+        help="print the installed version",
+        description="Print the version of oqron-cache.",
+    )
+    return parser, {"demo": demo, "version": version}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``oqron-cache`` command line with ``argv`` (default ``sys.argv[1:]``).
+
+    Returns the exit code: 0 on success, 1 if the command failed, 2 for a usage error.
+    """
+    parser, commands = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help, --version (0) and usage errors (2)
+        return exc.code if isinstance(exc.code, int) else 0 if exc.code is None else 2
+    try:
+        if args.command == "version":
+            print(f"oqron-cache {__version__}")
+            return 0
+        return _demo(args, commands["demo"])
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # `oqron-cache demo | head`: the reader left; leave quietly
+        with contextlib.suppress(OSError, ValueError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+
+
+def _demo(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from .config import validate_redis_url
+    from .demo import DemoOptions, run_demo
+
+    try:
+        validate_redis_url(args.redis_url)
+    except (ConfigurationError, TypeError) as exc:
+        parser.print_usage(sys.stderr)
+        print(f"oqron-cache demo: error: --redis-url: {exc}", file=sys.stderr)
+        return 2
+    requests = args.requests or (200 if args.quick else 1000)
+    processes = args.processes or (2 if args.quick else 4)
+    threads = args.threads or (10 if args.quick else 25)
+    options = DemoOptions(args.redis_url, requests, processes, threads)
+    return run_demo(options)
