@@ -63,12 +63,13 @@ class _Controls(Generic[P, R]):
         self._key_func = key
         self._vary_on = vary_on
         self.qualname = callable_name(func)
-        sig = inspect.signature(func)
+        sig = self._signature = inspect.signature(func)
         self._params = tuple(
             p.name
             for p in sig.parameters.values()
             if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
         )
+        self._params_set = frozenset(self._params)
 
     def key_for(self, *args: Any, **kwargs: Any) -> str:
         return self._key(args, kwargs)[0]
@@ -83,6 +84,10 @@ class _Controls(Generic[P, R]):
         if self._vary_on is not None:
             varied: dict[str, Any] = {**kwargs, "__vary_on__": self._vary_on()}
             return encode_call_ex(self.qualname, self._params, args, varied)[0], False
+        if kwargs and not self._params_set.isdisjoint(kwargs):
+            # f(1) and f(x=1) are the same call: move named positional parameters into place.
+            bound = self._signature.bind(*args, **kwargs)
+            args, kwargs = bound.args, bound.kwargs
         key, rebuildable = encode_call_ex(self.qualname, self._params, args, kwargs)
         return key or "-", rebuildable
 
@@ -186,6 +191,12 @@ def refreshing_cache(
         if not callable(func):
             raise TypeError(f"refreshing_cache decorates functions; got {type(func).__name__}")
         label = callable_name(func)
+        for option, given in (("key", key), ("vary_on", vary_on)):
+            if given is not None and not callable(given):
+                raise TypeError(
+                    f"refreshing_cache {option}= must be callable; got {type(given).__name__} "
+                    f"(decorating {label})"
+                )
         if inspect.isgeneratorfunction(func) or inspect.isasyncgenfunction(func):
             raise TypeError(
                 f"{label} is a generator function; caching it would cache a generator object"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any, cast
+from typing import Any
 
 from . import registry
 from .config import current_runtime
@@ -37,6 +37,12 @@ def _bad_key(key: object) -> Exception:
     if type(key) is not str:
         return InvalidKeyError(f"cache keys must be str; got {type(key).__name__}")
     return ConfigurationError("cache keys must not be empty")
+
+
+def _bounded(value: int, name: str, limit: int) -> int:
+    if value > limit:
+        raise ConfigurationError(f"{name} must be <= {limit}; got {value}")
+    return value
 
 
 def _matches_everything(pattern: str) -> bool:
@@ -129,22 +135,19 @@ class Cache:
         removed = 0
         if stack.l2 is not None:
             l2 = stack.l2
-            client = l2.conn.client
             try:
                 batch: list[bytes] = []
-                for rkey in l2.conn.run(
-                    client.scan_iter, match=l2.keys.match_values(glob), count=SCAN_COUNT
-                ):
+                for rkey in l2.scan(l2.keys.match_values(glob), SCAN_COUNT):
                     user_key = l2.keys.user_key(rkey.decode("utf-8", "surrogateescape"))
                     if user_key is None or not glob.matches(user_key):
                         continue  # SCAN's pattern is a superset; the glob decides
                     batch.append(rkey)
                     if len(batch) >= UNLINK_BATCH:
-                        removed += cast(int, l2.conn.run(client.unlink, *batch))
+                        removed += l2.unlink(batch)
                         batch.clear()
                 if batch:
-                    removed += cast(int, l2.conn.run(client.unlink, *batch))
-                l2.conn.run(client.publish, l2.channel, stack._message("clear", []))
+                    removed += l2.unlink(batch)
+                l2.publish(stack._message("clear", []))
             except L2Unavailable:
                 stack.stats.incr("l2_errors")
         if stack.l1 is not None:
@@ -243,6 +246,6 @@ def cache(
         codec=codec,
         max_value_bytes=positive_int(max_value_bytes, "max_value_bytes"),
         max_key_bytes=positive_int(max_key_bytes, "max_key_bytes", minimum=16),
-        max_tags=positive_int(max_tags, "max_tags"),
+        max_tags=_bounded(positive_int(max_tags, "max_tags"), "max_tags", 200),
     )
     return Cache(options, clock)

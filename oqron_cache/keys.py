@@ -44,7 +44,7 @@ def validate_namespace(namespace: object) -> str:
     """Return ``namespace`` if it matches ``[A-Za-z0-9_.-]{1,64}``, else raise."""
     if not isinstance(namespace, str):
         raise TypeError(f"namespace must be a str; got {type(namespace).__name__}")
-    if not NAMESPACE_RE.match(namespace):
+    if not NAMESPACE_RE.fullmatch(namespace):
         raise ConfigurationError(f"namespace must match [A-Za-z0-9_.-]{{1,64}}; got {namespace!r}")
     return namespace
 
@@ -53,7 +53,7 @@ def validate_cache_name(name: object) -> str:
     """Return ``name`` if it is a usable cache name, else raise naming the parameter."""
     if not isinstance(name, str):
         raise TypeError(f"cache name must be a str; got {type(name).__name__}")
-    if not CACHE_NAME_RE.match(name):
+    if not CACHE_NAME_RE.fullmatch(name):
         raise ConfigurationError(f"cache name must match [A-Za-z0-9_.<>-]{{1,200}}; got {name!r}")
     return name
 
@@ -217,7 +217,7 @@ def _enc(value: Any, out: list[str]) -> None:
     if cls is str:
         out.append(f"s{len(value)}:{value}")
     elif cls is int:
-        text = str(value)
+        text = format(value, "x")  # hex: no digit limit (str() refuses > 4300 digits)
         out.append(f"i{len(text)}:{text}")
     elif cls is bool:
         out.append("T" if value else "F")
@@ -346,6 +346,8 @@ class _Reader:
         size = int(self.text[self.pos : colon])
         start = colon + 1
         self.pos = start + size
+        if size < 0 or self.pos > len(self.text):
+            raise ValueError("truncated key encoding")
         return self.text[start : self.pos]
 
     def count(self) -> int:
@@ -369,7 +371,7 @@ def _dec(r: _Reader) -> Any:
     if tag == "s":
         return r.sized()
     if tag == "i":
-        return int(r.sized())
+        return int(r.sized(), 16)
     if tag == "f":
         return float(r.sized())
     if tag == "b":
@@ -412,6 +414,13 @@ def decode_call(key: str) -> tuple[tuple[Any, ...], dict[str, Any]]:
     ``ValueError`` for keys holding ``__cache_key__`` objects or enums (those can be refreshed only
     by a process that saw the call). Sets come back as frozensets.
     """
+    try:
+        return _decode_call(key)
+    except (IndexError, KeyError) as exc:
+        raise ValueError(f"bad key encoding: {exc}") from None
+
+
+def _decode_call(key: str) -> tuple[tuple[Any, ...], dict[str, Any]]:
     r = _Reader(key)
     args: list[Any] = []
     kwargs: dict[str, Any] = {}

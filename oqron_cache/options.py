@@ -43,18 +43,15 @@ class MemoryTier:
 class RedisTier:
     """L2: the shared Redis tier. Its ``ttl`` is the entries' freshness when it is the last tier.
 
-    ``op_timeout`` bounds every Redis call (socket and connect timeouts); ``None`` is refused
-    because a call with no limit can hang for minutes when packets are dropped.
+    Timeouts of Redis calls are set once for the process by ``configure(op_timeout=...)``.
     """
 
     ttl: float | None
-    op_timeout: float
 
-    def __init__(self, ttl: Duration | None = None, op_timeout: Duration = "250ms") -> None:
+    def __init__(self, ttl: Duration | None = None) -> None:
         object.__setattr__(
             self, "ttl", None if ttl is None else parse_duration(ttl, "RedisTier ttl")
         )
-        object.__setattr__(self, "op_timeout", parse_duration(op_timeout, "RedisTier op_timeout"))
 
 
 Tier = MemoryTier | RedisTier
@@ -98,14 +95,14 @@ def _only(data: Mapping[str, Any], allowed: set[str], what: str) -> None:
 
 def tier_from_dict(data: Mapping[str, Any]) -> Tier:
     """Convert the seed's dict form of a tier (``adapter`` "memory" or "redis")."""
-    _only(data, {"name", "adapter", "max_size", "ttl", "op_timeout"}, "tier")
+    _only(data, {"name", "adapter", "max_size", "ttl"}, "tier")
     adapter = data.get("adapter", data.get("name"))
     if adapter == "memory":
         _only(data, {"name", "adapter", "max_size", "ttl"}, "memory tier")
         return MemoryTier(max_size=data.get("max_size", 1000), ttl=data.get("ttl"))
     if adapter == "redis":
-        _only(data, {"name", "adapter", "ttl", "op_timeout"}, "redis tier")
-        return RedisTier(ttl=data.get("ttl"), op_timeout=data.get("op_timeout", "250ms"))
+        _only(data, {"name", "adapter", "ttl"}, "redis tier")
+        return RedisTier(ttl=data.get("ttl"))
     raise ConfigurationError(f"tier adapter must be 'memory' or 'redis'; got {adapter!r}")
 
 

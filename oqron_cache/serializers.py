@@ -114,11 +114,21 @@ class MsgpackCodec:
 
     def encode(self, value: Any, origin: str) -> bytes:
         _check(value, origin, self.name, int_keys=True, allow_bytes=True)
-        data: bytes = self._msgpack.packb(value, use_bin_type=True)
+        try:
+            data: bytes = self._msgpack.packb(
+                value, use_bin_type=True, unicode_errors="surrogatepass"
+            )
+        except OverflowError:
+            raise SerializationError(
+                f"value returned by {origin} holds an int outside msgpack's 64-bit range",
+                cache=origin,
+            ) from None
         return data
 
     def decode(self, data: bytes | memoryview) -> Any:
-        return self._msgpack.unpackb(data, raw=False, strict_map_key=False, use_list=True)
+        return self._msgpack.unpackb(
+            data, raw=False, strict_map_key=False, use_list=True, unicode_errors="surrogatepass"
+        )
 
 
 _CODECS: dict[str, type[JsonCodec] | type[MsgpackCodec]] = {

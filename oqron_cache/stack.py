@@ -32,6 +32,7 @@ log = logging.getLogger("oqron_cache")
 
 Resolver = Callable[[str], Any]
 _MISSING: Any = object()
+MAX_TAG_BYTES = 256  # with max_tags <= 200 the tag block always fits the envelope's 16-bit length
 WAIT_SLICE = 0.2  # a lost pub/sub message costs a waiter at most this long (safety net, not a poll)
 
 
@@ -359,6 +360,12 @@ class CacheStack:
         out = tuple(tags)
         if not all(type(t) is str and t for t in out):
             raise TypeError(f"tags of cache {self.name!r} must be non-empty str")
+        too_long = [t for t in out if len(t.encode("utf-8", "surrogatepass")) > MAX_TAG_BYTES]
+        if too_long:
+            raise ConfigurationError(
+                f"cache {self.name!r}: a tag of {len(too_long[0])} chars is longer than "
+                f"{MAX_TAG_BYTES} bytes"
+            )
         if len(out) > self.opts.max_tags:
             raise ConfigurationError(
                 f"cache {self.name!r}: {len(out)} tags on one entry, "

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import logging
 import struct
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
 from typing import Any, TypeVar, cast
 
 import redis
@@ -23,6 +24,7 @@ from ..keys import KeySpace
 
 log = logging.getLogger("oqron_cache.redis")
 T = TypeVar("T")
+LOG_EVERY = 10.0
 
 
 class L2Unavailable(Exception):
@@ -133,6 +135,7 @@ class RedisConn:
         self.client = client
         self.breaker = breaker or CircuitBreaker()
         self._on_failure = on_failure
+        self._quiet_until: dict[str, float] = {}
         self.fill_script = client.register_script(_FILL)
         self.put_script = client.register_script(_PUT)
         self.release_script = client.register_script(_RELEASE)
@@ -166,7 +169,11 @@ class RedisConn:
         return result
 
     def _failed(self, kind: str, exc: BaseException) -> None:
-        log.warning("L2 %s: %s: %s", kind, type(exc).__name__, str(exc)[:200])
+        # At most one warning per kind every LOG_EVERY seconds: an outage must not flood logs.
+        now = time.monotonic()
+        if now >= self._quiet_until.get(kind, 0.0):
+            self._quiet_until[kind] = now + LOG_EVERY
+            log.warning("L2 %s: %s: %s", kind, type(exc).__name__, str(exc)[:200])
         if self._on_failure is not None:
             self._on_failure(kind)
 
@@ -219,6 +226,25 @@ class RedisStore:
         """Write ``envelope`` unconditionally (a set or a tombstone) and announce it."""
         args = [envelope, max(1, int(ttl * 1000)), self.channel, message]
         self.conn.run(self.conn.put_script, keys=[self.keys.value(key)], args=args)
+
+    def scan(self, match: str, count: int) -> Iterator[bytes]:
+        """Keys matching ``match``, one SCAN page per call (each page through the breaker)."""
+        client = self.conn.client
+        cursor = 0
+        while True:
+            reply = self.conn.run(client.scan, cursor=cursor, match=match, count=count)
+            cursor, page = cast("tuple[int, list[bytes]]", reply)
+            yield from page
+            if cursor == 0:
+                return
+
+    def unlink(self, keys: list[bytes]) -> int:
+        """UNLINK ``keys`` (one round trip); how many existed."""
+        return cast(int, self.conn.run(self.conn.client.unlink, *keys))
+
+    def publish(self, message: bytes) -> None:
+        """Send ``message`` on the bus channel."""
+        self.conn.run(self.conn.client.publish, self.channel, message)
 
     def tombstone(self, key: str, envelope: bytes, ttl: float, message: bytes) -> None:
         """Delete ``key``'s value, announce it, and leave ``envelope`` (a tombstone) behind."""

@@ -1,0 +1,1 @@
+"""Benchmarks of oqron-cache against its peers (issue 2). See bench/README.md."""
