@@ -201,8 +201,13 @@ class CacheStack:
         except L2Unavailable:
             self.stats.incr("l2_errors")
             return None
+        found = self._parse(key, raw, recheck)
+        self.stats.observe("redis", time.perf_counter() - started)
+        return found
+
+    def _parse(self, key: str, raw: bytes | None, recheck: bool) -> Found:
+        """Decode an envelope read from L2 (``None``: absent). Corrupt data is a miss."""
         if raw is None:
-            self.stats.observe("redis", time.perf_counter() - started)
             return Found(None, NO_VERSION)
         try:
             entry, codec_id, payload = unpack(raw)
@@ -222,7 +227,6 @@ class CacheStack:
                 exc,
             )
             return Found(None, raw[2:10])
-        self.stats.observe("redis", time.perf_counter() - started)
         return Found(entry, entry.version)
 
     def _slide(self, key: str, entry: Entry, now: float) -> Entry:
@@ -262,51 +266,49 @@ class CacheStack:
         lock_ttl = self.opts.stampede.lock_ttl
         deadline = time.monotonic() + lock_ttl
         waiters = self.runtime.bus.waiters if self.runtime and self.runtime.bus else None
-        event = None
+        # Registered before anything is checked, so a fill landing between our check and our
+        # wait still wakes us (no lost wake-up, no extra read).
+        event = waiters.register(self.name, key) if waiters is not None else None
+        found = first
+        waited = False
         try:
             while True:
-                found = first if first is not None else self._read_l2(key, recheck=True)
-                first = None
                 if found is None:  # L2 unavailable: nobody to coordinate with
                     return self._compute(key, resolver, NO_VERSION, "", fallback)
                 if found.entry is not None and self.clock() < found.entry.fresh_until:
-                    if event is not None:
+                    if waited:
                         self.stats.incr("stampede_prevented")
                     self._put_l1(key, found.entry)
                     return found.entry.value
+                # One round trip: try the lock and read the entry again (a holder may have
+                # filled it since our read; if so we must not load it a second time).
                 token = secrets.token_hex(16)
                 try:
-                    won = self.l2.acquire(key, token, lock_ttl)
+                    won, raw = self.l2.acquire_or_read(key, token, lock_ttl)
                 except L2Unavailable:
                     self.stats.incr("l2_errors")
                     return self._compute(key, resolver, NO_VERSION, "", fallback)
+                found = self._parse(key, raw, recheck=True)
                 if won:
-                    # The holder we waited for may have filled it just before we locked.
-                    again = self._read_l2(key, recheck=True)
-                    if (
-                        again is not None
-                        and again.entry is not None
-                        and self.clock() < again.entry.fresh_until
-                    ):
+                    if found.entry is not None and self.clock() < found.entry.fresh_until:
                         self._release(key, token)
-                        self._put_l1(key, again.entry)
-                        return again.entry.value
-                    seen = again.seen if again is not None else found.seen
-                    return self._compute(key, resolver, seen, token, fallback)
-                if event is None and waiters is not None:
-                    # Register before re-reading L2, so a fill between the two is not missed.
-                    event = waiters.register(self.name, key)
-                    continue
+                        self._put_l1(key, found.entry)
+                        return found.entry.value
+                    return self._compute(key, resolver, found.seen, token, fallback)
+                if found.entry is not None and self.clock() < found.entry.fresh_until:
+                    continue  # filled meanwhile: served at the top of the loop
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     # Liveness beats dedup: the holder is slow or dead; compute it ourselves.
                     self.stats.incr("lock_timeouts")
                     return self._compute(key, resolver, found.seen, "", fallback)
+                waited = True
                 if event is not None:
                     event.wait(min(remaining, WAIT_SLICE))
                     event.clear()
                 else:
                     time.sleep(min(remaining, WAIT_SLICE / 4))
+                found = self._read_l2(key, recheck=True)
         finally:
             if event is not None and waiters is not None:
                 waiters.unregister(self.name, key, event)
@@ -524,16 +526,15 @@ class CacheStack:
         if found is not None and self.l2 is not None:
             token = secrets.token_hex(16)
             try:
-                if not self.l2.acquire(key, token, self.opts.stampede.lock_ttl):
-                    self.stats.incr("refreshes_deduplicated")
-                    return "locked"
+                won, raw = self.l2.acquire_or_read(key, token, self.opts.stampede.lock_ttl)
             except L2Unavailable:
                 self.stats.incr("l2_errors")
                 token = ""
-            if token:
-                again = self._read_l2(key)
-                if again is not None:
-                    found = again
+            else:
+                if not won:
+                    self.stats.incr("refreshes_deduplicated")
+                    return "locked"
+                found = self._parse(key, raw, recheck=True)
                 if found.entry is not None and self.clock() < found.entry.fresh_until:
                     self._release(key, token)
                     self._put_l1(key, found.entry)

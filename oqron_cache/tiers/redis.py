@@ -70,6 +70,22 @@ return 1
 """
 
 # KEYS[1] - the entry's value key
+# KEYS[2] - the entry's lock key
+# ARGV[1] - the caller's lock token
+# ARGV[2] - lock TTL, ms
+# Try to take the lock and, in the same round trip, read the entry: a waiter learns whether a
+# holder filled it already, a winner double-checks before running the resolver.
+# Returns {1 if the lock was taken else 0, the envelope or nil}.
+_ACQUIRE_OR_READ = """
+local won = redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2])
+local cur = redis.call('GET', KEYS[1])
+if won then
+  return {1, cur}
+end
+return {0, cur}
+"""
+
+# KEYS[1] - the entry's value key
 # ARGV[1] - the tombstone envelope (a new version, no value)
 # ARGV[2] - physical TTL of the tombstone, ms
 # ARGV[3] - bus channel
@@ -123,6 +139,10 @@ return 0
 _TIMES = struct.Struct(">dd")  # fresh_until, stale_until
 
 
+def _ms(seconds: float) -> int:
+    return max(1, int(seconds * 1000))
+
+
 class RedisConn:
     """A redis-py client with a circuit breaker and the library's scripts registered once."""
 
@@ -142,6 +162,7 @@ class RedisConn:
         self.extend_script = client.register_script(_EXTEND)
         self.touch_script = client.register_script(_TOUCH)
         self.tombstone_script = client.register_script(_TOMBSTONE)
+        self.acquire_script = client.register_script(_ACQUIRE_OR_READ)
 
     def run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Call ``fn`` through the breaker; raise :class:`L2Unavailable` on any Redis failure.
@@ -197,6 +218,13 @@ class RedisStore:
             self.conn.client.set, self.keys.lock(key), token, nx=True, px=max(1, int(ttl * 1000))
         )
         return bool(ok)
+
+    def acquire_or_read(self, key: str, token: str, ttl: float) -> tuple[bool, bytes | None]:
+        """Try to take ``key``'s lock and read its envelope, in one round trip."""
+        keys = [self.keys.value(key), self.keys.lock(key)]
+        reply = self.conn.run(self.conn.acquire_script, keys=keys, args=[token, _ms(ttl)])
+        won, raw = cast("list[Any]", reply)
+        return bool(won), raw
 
     def release(self, key: str, token: str) -> bool:
         """Release ``key``'s lock if ``token`` still owns it."""
