@@ -84,6 +84,7 @@ class Settings:
     op_timeout: float
     connect_timeout: float
     clock: Callable[[], float] | None
+    enqueue_budget: float = 1.0
 
     def __repr__(self) -> str:
         url = mask_url(self.redis_url) if self.redis_url else None
@@ -101,6 +102,7 @@ def configure(
     *,
     op_timeout: Duration = "250ms",
     connect_timeout: Duration | None = None,
+    enqueue_budget: Duration = "1s",
     clock: Callable[[], float] | None = None,
 ) -> Settings:
     """Connect the library: Redis for L2, locks and the bus; optionally the user's Celery app.
@@ -108,7 +110,12 @@ def configure(
     ``redis_url`` defaults to ``$OQRON_REDIS_URL`` (no Redis if neither is set: caches with a
     Redis tier then refuse to run). ``namespace`` (default ``$OQRON_NAMESPACE`` or ``"oqron"``)
     prefixes every Redis key: ``oqron:<namespace>:``. ``op_timeout`` bounds every Redis call;
-    ``connect_timeout`` defaults to it. ``clock`` (wall clock, seconds) is for tests.
+    ``connect_timeout`` defaults to it. ``celery_app`` is your own Celery app: the library's
+    tasks are registered on it (``oqron_cache.refresh`` and the invalidations) and stale values
+    are then refreshed by its workers; call ``configure()`` in the worker processes too.
+    ``enqueue_budget`` bounds how long the background dispatcher waits for the broker to take a
+    refresh task before refreshing in-process instead. ``clock`` (wall clock, seconds) is for
+    tests.
 
     Calling it again replaces the previous configuration: caches rebind on their next use. A
     Redis that cannot be reached now is not an error (the caches degrade and reconnect); wrong
@@ -129,7 +136,8 @@ def configure(
     )
     if celery_app is not None:
         check_celery_app(celery_app)
-    settings = Settings(url, ns, celery_app, timeout, connect, clock)
+    budget = parse_duration(enqueue_budget, "enqueue_budget")
+    settings = Settings(url, ns, celery_app, timeout, connect, clock, budget)
     new = Runtime(settings)
     try:
         new.start()  # fails fast on bad credentials or TLS: the old configuration stays
@@ -142,6 +150,29 @@ def configure(
     if old is not None:
         old.close()
     return settings
+
+
+def reinit_after_fork() -> None:
+    """Give a forked child (a prefork worker process) its own connections and threads.
+
+    Threads do not survive ``fork()``: the bus listener and the dispatcher of the parent are
+    gone, and its sockets must not be shared. Reconfigure with the same settings.
+    """
+    global _runtime  # noqa: PLW0603 - see configure()
+    old = _runtime
+    if old is None or old.implicit:
+        return
+    _runtime = None
+    _unbind_all()
+    configure(
+        old.settings.redis_url,
+        old.settings.celery_app,
+        old.settings.namespace,
+        op_timeout=old.settings.op_timeout,
+        connect_timeout=old.settings.connect_timeout,
+        enqueue_budget=old.settings.enqueue_budget,
+        clock=old.settings.clock,
+    )
 
 
 def _unbind_all() -> None:

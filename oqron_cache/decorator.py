@@ -16,7 +16,7 @@ from typing import Any, Generic, ParamSpec, Protocol, TypeVar, cast
 from .durations import Duration, parse_duration
 from .frontend import Cache, cache
 from .keys import decode_call, encode_call_ex
-from .options import MemoryTier, RedisTier, Stampede, Strategy, TagsFunc
+from .options import MemoryTier, MissPolicy, RedisTier, Stampede, Strategy, TagsFunc
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -174,6 +174,8 @@ def refreshing_cache(
     key: Callable[..., str] | None = None,
     vary_on: Callable[[], Any] | None = None,
     max_value_bytes: int = 1 << 20,
+    miss: MissPolicy = "inline",
+    early_refresh: float | None = None,
     clock: Callable[[], float] | None = None,
 ) -> Callable[[Callable[P, R]], CachedFunction[P, R]]:
     """Cache a function's results; stale results are served while refreshed in the background.
@@ -182,6 +184,8 @@ def refreshing_cache(
     the argument encoding (entries keyed this way are recomputed only by the process that saw the
     call). ``vary_on()`` is called on each call and becomes part of the key: use it when the
     result depends on context that is not an argument (the current user or tenant).
+
+    ``miss`` and ``early_refresh`` are as for :func:`oqron_cache.cache`.
 
     Trap: a method's ``self`` is an argument; it needs ``__cache_key__()`` (or use ``key=``).
     Generators and ``async def`` functions are refused.
@@ -224,6 +228,8 @@ def refreshing_cache(
             codec=codec,
             max_size=max_size,
             max_value_bytes=max_value_bytes,
+            miss=miss,
+            early_refresh=early_refresh,
             clock=clock,
             resolver=controls.resolve,
         )

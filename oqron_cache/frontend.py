@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -191,6 +192,7 @@ def cache(
     max_value_bytes: int = 1 << 20,
     max_key_bytes: int = 200,
     max_tags: int = 32,
+    early_refresh: float | None = None,
     clock: Callable[[], float] | None = None,
 ) -> Cache:
     """Declare a cache. Connects nothing: Redis is wired by :func:`oqron_cache.configure`.
@@ -202,6 +204,10 @@ def cache(
     stale_ttl``). ``strategy="sliding"`` resets freshness on each read. ``resolver(key)`` computes
     a missing value. ``tags(key, value)`` returns the entry's tags. ``codec`` is "json" (strict)
     or "msgpack". Values whose encoding exceeds ``max_value_bytes`` are returned, not cached.
+    ``miss="worker"`` hands cold misses to a Celery worker and waits for its fill (for services
+    that cannot compute values themselves; without a Celery app they load inline).
+    ``early_refresh=beta`` (e.g. 1.0) turns on probabilistic early refresh (XFetch): hot keys
+    are refreshed shortly before they go stale, more eagerly for slow resolvers and larger beta.
     ``clock`` (wall clock, seconds) is for tests.
     """
     validate_cache_name(name)
@@ -209,10 +215,15 @@ def cache(
         raise ConfigurationError(f"strategy must be 'fixed' or 'sliding'; got {strategy!r}")
     if miss not in ("inline", "worker"):
         raise ConfigurationError(f"miss must be 'inline' or 'worker'; got {miss!r}")
-    if miss == "worker":
-        raise ConfigurationError(
-            "miss='worker' needs the Celery refresh engine (not available yet)"
-        )
+    if miss == "worker" and resolver is None:
+        raise ConfigurationError("miss='worker' needs a resolver (the worker runs it)")
+    beta = None
+    if early_refresh is not None:
+        if isinstance(early_refresh, bool) or not isinstance(early_refresh, int | float):
+            raise TypeError(f"early_refresh must be a number (XFetch beta); got {early_refresh!r}")
+        if math.isnan(early_refresh) or not 0 < early_refresh <= 100:
+            raise ConfigurationError(f"early_refresh must be in (0, 100]; got {early_refresh!r}")
+        beta = float(early_refresh)
     for label, fn in (
         ("resolver", resolver),
         ("tags", tags),
@@ -247,5 +258,6 @@ def cache(
         max_value_bytes=positive_int(max_value_bytes, "max_value_bytes"),
         max_key_bytes=positive_int(max_key_bytes, "max_key_bytes", minimum=16),
         max_tags=_bounded(positive_int(max_tags, "max_tags"), "max_tags", 200),
+        early_refresh=beta,
     )
     return Cache(options, clock)

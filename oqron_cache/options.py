@@ -146,6 +146,7 @@ class CacheOptions:
     max_value_bytes: int
     max_key_bytes: int
     max_tags: int = 32
+    early_refresh: float | None = None  # XFetch beta; None = off
     extra: Mapping[str, Any] = field(default_factory=dict)
 
     @property

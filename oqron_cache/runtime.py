@@ -26,6 +26,7 @@ from .keys import KeySpace, bus_channel
 from .refresh import Dispatcher
 from .serializers import get_codec
 from .stack import CacheStack
+from .tasks import Enqueuer, install
 from .tiers.memory import MemoryStore
 from .tiers.redis import RedisConn, RedisStore
 
@@ -65,6 +66,10 @@ class Runtime:
         self.conn: RedisConn | None = None
         self.bus: Bus | None = None
         self.stacks: dict[str, CacheStack] = {}
+        self.enqueuer: Enqueuer | None = None
+        if settings.celery_app is not None:
+            install(settings.celery_app)
+            self.enqueuer = Enqueuer(settings.celery_app, settings.enqueue_budget)
         self._lock = threading.Lock()
         if settings.redis_url is not None:
             self.client = make_client(settings)

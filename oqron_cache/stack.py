@@ -9,6 +9,8 @@ only does the I/O around it.
 from __future__ import annotations
 
 import logging
+import math
+import random
 import secrets
 import time
 from collections.abc import Callable, Iterable
@@ -33,6 +35,7 @@ log = logging.getLogger("oqron_cache")
 Resolver = Callable[[str], Any]
 _MISSING: Any = object()
 MAX_TAG_BYTES = 256  # with max_tags <= 200 the tag block always fits the envelope's 16-bit length
+EARLY_SPAN = 10.0  # see CacheStack._early_from
 WAIT_SLICE = 0.2  # a lost pub/sub message costs a waiter at most this long (safety net, not a poll)
 
 
@@ -97,6 +100,10 @@ class CacheStack:
             if item is not None:
                 now = self.clock()
                 if now < item.fresh_until and now < item.l1_until:
+                    if now >= item.early_from:
+                        self._maybe_early(
+                            key, item.fresh_until, item.early_from, item.delta, item.version, now
+                        )
                     if self._sliding:
                         item.fresh_until = now + self.opts.ttl
                         item.stale_until = item.fresh_until + self.opts.stale_ttl
@@ -165,6 +172,11 @@ class CacheStack:
             action = decide(entry.fresh_until, entry.stale_until, now, self._can_swr(resolver))
             if action is Action.SERVE:
                 self.stats.incr("l2_hits")
+                if self.opts.early_refresh is not None:
+                    early_from = self._early_from(entry)
+                    self._maybe_early(
+                        key, entry.fresh_until, early_from, entry.delta, entry.version, now
+                    )
                 if self._sliding:
                     entry = self._slide(key, entry, now)
                 self._put_l1(key, entry)
@@ -294,7 +306,9 @@ class CacheStack:
                         self._release(key, token)
                         self._put_l1(key, found.entry)
                         return found.entry.value
-                    return self._compute(key, resolver, found.seen, token, fallback)
+                    if not self._load_in_worker(key, resolver, token, found.seen):
+                        return self._compute(key, resolver, found.seen, token, fallback)
+                    # miss="worker": a worker loads it; wait for its fill like any waiter.
                 if found.entry is not None and self.clock() < found.entry.fresh_until:
                     continue  # filled meanwhile: served at the top of the loop
                 remaining = deadline - time.monotonic()
@@ -312,6 +326,16 @@ class CacheStack:
         finally:
             if event is not None and waiters is not None:
                 waiters.unregister(self.name, key, event)
+
+    def _load_in_worker(self, key: str, resolver: Resolver, token: str, seen: bytes) -> bool:
+        """miss="worker": hand a cold miss to a worker; False to load it here instead."""
+        enqueuer = self.runtime.enqueuer if self.runtime is not None else None
+        if self.opts.miss != "worker" or enqueuer is None or resolver is not self.opts.resolver:
+            return False
+        if enqueuer.enqueue(self.name, key, token, seen, self.opts.stampede.lock_ttl):
+            return True
+        self.stats.incr("enqueue_failures")
+        return False
 
     def _compute(self, key: str, resolver: Resolver, seen: bytes, token: str, fallback: Any) -> Any:
         """Run the resolver, store the value (compare-and-set on ``seen``), return it."""
@@ -390,8 +414,11 @@ class CacheStack:
             return None
         return pack(entry, self.codec.codec_id, payload)
 
-    def _store(self, key: str, value: Any, seen: bytes, token: str, delta: float) -> None:
-        """Write a resolved value to L2 (only if still at ``seen``) and to L1."""
+    def _store(self, key: str, value: Any, seen: bytes, token: str, delta: float) -> bool:
+        """Write a resolved value to L2 (only if still at ``seen``) and to L1.
+
+        Returns False if it was not cached: too large, or a newer write won (P5).
+        """
         try:
             entry = self._entry(key, value, delta)
             # Encoded even without L2: the same values are cacheable whatever the tiers, and
@@ -404,7 +431,7 @@ class CacheStack:
         if envelope is None:
             if token:
                 self._release(key, token)
-            return
+            return False
         if self.l2 is not None:
             message = self._message("fill", [key])
             try:
@@ -417,8 +444,9 @@ class CacheStack:
                 if not written:
                     # A newer set or an invalidation landed while we computed: it wins (P5).
                     self.stats.incr("l2_write_conflicts")
-                    return
+                    return False
         self._put_l1(key, entry)
+        return True
 
     def set(self, key: str, value: Any) -> None:
         """Write ``value`` to every tier and tell other processes to drop their copy."""
@@ -475,8 +503,44 @@ class CacheStack:
             else entry.stale_until
         )
         self.l1.put(
-            key, L1Item(entry.value, entry.fresh_until, entry.stale_until, l1_until, entry.version)
+            key,
+            L1Item(
+                entry.value,
+                entry.fresh_until,
+                entry.stale_until,
+                l1_until,
+                entry.version,
+                self._early_from(entry),
+                entry.delta,
+            ),
         )
+
+    def _early_from(self, entry: Entry) -> float:
+        """When probabilistic early refresh may start for ``entry`` (inf: never)."""
+        beta = self.opts.early_refresh
+        if beta is None or entry.delta <= 0:
+            return math.inf
+        # XFetch refreshes when now + delta * beta * Exp(1) >= fresh_until; Exp(1) exceeds
+        # EARLY_SPAN with probability e**-EARLY_SPAN, so before this instant it never fires.
+        return entry.fresh_until - entry.delta * beta * EARLY_SPAN
+
+    def _maybe_early(
+        self,
+        key: str,
+        fresh_until: float,
+        early_from: float,
+        delta: float,
+        version: bytes,
+        now: float,
+    ) -> None:
+        """XFetch (Vattani et al.): refresh a hot fresh entry before it goes stale."""
+        if now < early_from:
+            return
+        beta = self.opts.early_refresh or 0.0
+        if now - delta * beta * math.log(1.0 - random.random()) >= fresh_until:  # noqa: S311
+            self.stats.incr("early_refreshes")
+            if self.runtime is not None:
+                self.runtime.dispatcher.submit(self, key, version, early=True)
 
     def _l1_writable(self) -> bool:
         # L1 is coherent only while the bus is listening; with Redis wholly down nobody can
@@ -510,58 +574,3 @@ class CacheStack:
             self.l1.clear()
         else:
             self.l1.discard_many(keys)
-
-    def refresh_now(self, key: str, seen: bytes) -> str:
-        """Background refresh of a stale ``key`` (run by the dispatcher). Returns the outcome."""
-        resolver = self.opts.resolver
-        if resolver is None:
-            return "no-resolver"
-        found = self._read_l2(key)
-        now = self.clock()
-        if found is not None and found.entry is not None and now < found.entry.fresh_until:
-            self._put_l1(key, found.entry)  # another process already refreshed it
-            self.stats.incr("refreshes_deduplicated")
-            return "already-fresh"
-        token = ""
-        if found is not None and self.l2 is not None:
-            token = secrets.token_hex(16)
-            try:
-                won, raw = self.l2.acquire_or_read(key, token, self.opts.stampede.lock_ttl)
-            except L2Unavailable:
-                self.stats.incr("l2_errors")
-                token = ""
-            else:
-                if not won:
-                    self.stats.incr("refreshes_deduplicated")
-                    return "locked"
-                found = self._parse(key, raw, recheck=True)
-                if found.entry is not None and self.clock() < found.entry.fresh_until:
-                    self._release(key, token)
-                    self._put_l1(key, found.entry)
-                    self.stats.incr("refreshes_deduplicated")
-                    return "already-fresh"
-        seen_now = found.seen if found is not None else seen
-        self.stats.incr("refreshes_enqueued")
-        started = time.perf_counter()
-        try:
-            value = resolver(key)
-        except Exception:
-            self.stats.incr("refresh_failures")
-            log.warning(
-                "cache %s: refresh of %s failed; the stale value stays served",
-                self.name,
-                printable(key),
-                exc_info=True,
-            )
-            if token:  # keep the lock as a throttle: no retry storm across processes
-                try:
-                    self.l2.hold(key, token, self.opts.stampede.lock_ttl)  # type: ignore[union-attr]
-                except L2Unavailable:
-                    self.stats.incr("l2_errors")
-            return "failed"
-        elapsed = time.perf_counter() - started
-        self.stats.incr("resolver_calls")
-        self.stats.observe("resolver", elapsed)
-        self._store(key, value, seen_now, token, elapsed)
-        self.stats.incr("refreshes_succeeded")
-        return "refreshed"

@@ -8,6 +8,7 @@ does); the lock is held only around the dictionary operation.
 
 from __future__ import annotations
 
+import math
 import threading
 from typing import Any
 
@@ -17,16 +18,33 @@ from cachetools import LRUCache
 class L1Item:
     """One L1 copy: the value, its freshness instants (wall clock) and the copy's own bound."""
 
-    __slots__ = ("fresh_until", "l1_until", "stale_until", "value", "version")
+    __slots__ = (
+        "delta",
+        "early_from",
+        "fresh_until",
+        "l1_until",
+        "stale_until",
+        "value",
+        "version",
+    )
 
     def __init__(
-        self, value: Any, fresh_until: float, stale_until: float, l1_until: float, version: bytes
+        self,
+        value: Any,
+        fresh_until: float,
+        stale_until: float,
+        l1_until: float,
+        version: bytes,
+        early_from: float = math.inf,
+        delta: float = 0.0,
     ) -> None:
         self.value = value
         self.fresh_until = fresh_until
         self.stale_until = stale_until
         self.l1_until = l1_until
         self.version = version
+        self.early_from = early_from  # probabilistic early refresh may start here (inf: never)
+        self.delta = delta  # seconds the resolver took for this value
 
 
 class _CountingLRU(LRUCache[str, L1Item]):

@@ -1,0 +1,48 @@
+"""The standalone worker deployment: ``celery -A workers worker -l info``.
+
+Configured from the environment:
+
+* ``OQRON_REDIS_URL`` (default ``redis://127.0.0.1:6379/0``): the cache's Redis.
+* ``OQRON_BROKER_URL`` (default: the Redis URL): the Celery broker (``redis://`` or ``amqp://``).
+* ``OQRON_NAMESPACE`` (default ``oqron``): the key namespace, the same as the web processes'.
+* ``OQRON_CACHE_MODULES``: comma-separated modules to import, so their caches (declared with
+  ``cache(...)`` or ``@refreshing_cache``) are in this worker's registry. A refresh task names a
+  cache; the worker only ever runs caches registered here.
+
+The app consumes the default queue and the refresh queue (``oqron_cache.refresh``) without
+extra flags, sends task events (Flower shows refreshes) and accepts JSON only.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+
+from celery import Celery
+
+import oqron_cache
+
+redis_url = os.environ.get("OQRON_REDIS_URL", "redis://127.0.0.1:6379/0")
+broker_url = os.environ.get("OQRON_BROKER_URL", redis_url)
+
+app = Celery("oqron_workers", broker=broker_url)
+app.conf.update(
+    task_serializer="json",
+    accept_content=["json"],
+    result_serializer="json",
+    result_accept_content=["json"],
+    task_ignore_result=True,
+    worker_prefetch_multiplier=1,  # acks_late tasks: do not hoard messages a crash would delay
+    broker_connection_retry_on_startup=True,
+    worker_hijack_root_logger=False,
+)
+
+_modules = os.environ.get("OQRON_CACHE_MODULES", "")
+for module in filter(None, (m.strip() for m in _modules.split(","))):
+    importlib.import_module(module)
+
+oqron_cache.configure(
+    redis_url=redis_url,
+    celery_app=app,
+    namespace=os.environ.get("OQRON_NAMESPACE") or None,
+)
