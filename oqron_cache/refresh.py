@@ -25,6 +25,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("oqron_cache.refresh")
 
 
+_THROTTLED = frozenset({"enqueued", "locked", "failed", "error"})
+
+
 class Dispatcher:
     """Per-process refresh queue with ``threads`` drainers (started on first use)."""
 
@@ -92,10 +95,23 @@ class Dispatcher:
                 with self._cond:
                     ident = (stack.name, key)
                     self._pending.discard(ident)
-                    if outcome in ("failed", "error"):
+                    if outcome in _THROTTLED:
+                        # Someone holds the key's lock (a worker refreshing it, or a failed
+                        # refresh's throttle): asking again before it expires only costs
+                        # Redis round trips. A fill message evicts the stale copy sooner.
                         self._throttle[ident] = time.monotonic() + stack.opts.stampede.lock_ttl
+                        if len(self._throttle) > self._max:
+                            self._prune()
                     self._busy -= 1
                     self._cond.notify_all()
+
+    def _prune(self) -> None:
+        """Forget expired throttles (called with the lock held; bounds the map's size)."""
+        now = time.monotonic()
+        for ident in [i for i, until in self._throttle.items() if until <= now]:
+            del self._throttle[ident]
+        while len(self._throttle) > self._max:  # all live: drop the oldest
+            del self._throttle[next(iter(self._throttle))]
 
     def join(self, timeout: float = 5.0) -> bool:
         """Wait until the queue is empty and no refresh runs (tests and shutdown)."""

@@ -10,7 +10,9 @@ import contextlib
 import logging
 import threading
 import time
-from typing import TYPE_CHECKING, Any
+import warnings
+from typing import TYPE_CHECKING, Any, cast
+from urllib.parse import urlsplit
 
 import redis
 from redis.backoff import NoBackoff
@@ -26,7 +28,7 @@ from .keys import KeySpace, bus_channel
 from .refresh import Dispatcher
 from .serializers import get_codec
 from .stack import CacheStack
-from .tasks import Enqueuer, install
+from .tasks import Enqueuer, check_timings, install
 from .tiers.memory import MemoryStore
 from .tiers.redis import RedisConn, RedisStore
 
@@ -111,7 +113,33 @@ class Runtime:
                 url,
                 self.settings.op_timeout,
             )
+        self._check_eviction_policy()
         self.bus.start(wait=1.0)
+
+    def _check_eviction_policy(self) -> None:
+        """Warn if the cache's Redis is also the Celery broker and evicts any key (row 19)."""
+        app = self.settings.celery_app
+        if app is None or self.client is None:
+            return
+        broker = str(app.conf.broker_url or "")
+        if not broker.startswith(("redis://", "rediss://", "unix://")):
+            return
+        same = urlsplit(broker)._replace(path="", query="", fragment="")
+        ours = urlsplit(self.settings.redis_url or "")._replace(path="", query="", fragment="")
+        if (same.hostname, same.port) != (ours.hostname, ours.port):
+            return
+        try:
+            info = cast("dict[str, Any]", self.client.info("memory"))
+        except redis.RedisError:
+            return  # INFO may be forbidden by an ACL; nothing to check then
+        policy = str(info.get("maxmemory_policy", ""))
+        if policy.startswith("allkeys"):
+            warnings.warn(
+                f"Redis {mask_url(broker)} is both the cache and the Celery broker, and its "
+                f"maxmemory-policy is {policy}: under memory pressure it can evict queued "
+                "tasks. Use a separate instance (or volatile-lru).",
+                stacklevel=4,
+            )
 
     def bind(self, cache: Cache) -> CacheStack:
         """Build (once) the stack of ``cache`` from this runtime's parts."""
@@ -134,6 +162,8 @@ class Runtime:
             l1 = MemoryStore(opts.l1.max_size) if opts.l1 is not None else None
             clock = cache.clock or self.settings.clock or time.time
             stack = CacheStack(opts, get_codec(opts.codec), l1, l2, self, cache.stats, clock)
+            if self.settings.celery_app is not None:
+                check_timings(self.settings.celery_app, cache.name, opts.stampede.lock_ttl)
             stack.owner = cache
             self.stacks[cache.name] = stack
             return stack

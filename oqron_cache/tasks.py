@@ -19,6 +19,7 @@ import hashlib
 import logging
 import queue
 import threading
+import warnings
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any
@@ -155,8 +156,6 @@ def install(app: Any) -> dict[str, Any]:
             tasks[name] = app.tasks[name]
             continue
         options = dict(_TASK_OPTIONS)
-        if name == REFRESH_TASK:
-            options["queue"] = REFRESH_QUEUE
 
         def run(*args: Any, _name: str = name, _body: Any = body) -> str:
             return _guarded(_name, _body, *args)
@@ -169,6 +168,14 @@ def install(app: Any) -> dict[str, Any]:
     if not any(q.name == REFRESH_QUEUE for q in queues):
         queues.append(_queue(Exchange, Queue, REFRESH_QUEUE))
         conf.task_queues = queues
+    route = {REFRESH_TASK: {"queue": REFRESH_QUEUE}}
+    routes = conf.task_routes
+    if routes is None:
+        conf.task_routes = route
+    elif isinstance(routes, dict):
+        routes.setdefault(REFRESH_TASK, route[REFRESH_TASK])
+    else:  # a list/tuple of routers: ours goes first
+        conf.task_routes = (route, *routes)
     conf.worker_send_task_events = True
     conf.task_send_sent_event = True
     _connect_fork_hook()
@@ -178,6 +185,32 @@ def install(app: Any) -> dict[str, Any]:
 def _queue(exchange_cls: Any, queue_cls: Any, name: str) -> Any:
     # Its own direct exchange and routing key: a refresh is delivered to its queue only.
     return queue_cls(name, exchange_cls(name, type="direct"), routing_key=name)
+
+
+def check_timings(app: Any, cache: str, lock_ttl: float) -> None:
+    """Warn about Celery settings that defeat a cache's lock (bad-inputs row 16)."""
+    conf = app.conf
+    options = conf.broker_transport_options or {}
+    broker = str(conf.broker_url or "")
+    visibility = options.get("visibility_timeout")
+    if (
+        broker.startswith(("redis", "rediss", "sentinel"))
+        and visibility is not None
+        and float(visibility) < lock_ttl
+    ):
+        warnings.warn(
+            f"cache {cache!r}: broker visibility_timeout ({visibility}s) is shorter than lock_ttl "
+            f"({lock_ttl}s): the broker redelivers refresh tasks that are still running",
+            stacklevel=3,
+        )
+    limit = conf.task_time_limit
+    if limit is not None and float(limit) > lock_ttl:
+        warnings.warn(
+            f"cache {cache!r}: task_time_limit ({limit}s) is longer than lock_ttl ({lock_ttl}s): "
+            "a refresh may outlive its lock, so another may start beside it (the version check "
+            "keeps the result correct, but the work is done twice)",
+            stacklevel=3,
+        )
 
 
 _hooked = False
