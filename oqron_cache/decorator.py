@@ -43,7 +43,7 @@ class CachedFunction(Protocol[P, R]):
         """Recompute this call now, store the result everywhere and return it."""
         ...
 
-    def get_stats(self, local: bool = True) -> dict[str, Any]:
+    def get_stats(self, local: bool = False) -> dict[str, Any]:
         """The cache's stats (see :meth:`Cache.get_stats`)."""
         ...
 
@@ -124,7 +124,7 @@ class _Controls(Generic[P, R]):
         self.cache.set(self.key_for(*args, **kwargs), value)
         return value
 
-    def get_stats(self, local: bool = True) -> dict[str, Any]:
+    def get_stats(self, local: bool = False) -> dict[str, Any]:
         return self.cache.get_stats(local=local)
 
 

@@ -161,10 +161,23 @@ class Cache:
         """Delete every entry of this cache carrying ``tag`` (not available yet: issue 4)."""
         raise NotImplementedError("invalidate_by_tag arrives with cross-process tag indexes")
 
-    def get_stats(self, local: bool = True) -> dict[str, Any]:
-        """Counters of this cache in this process (DESIGN section 6)."""
-        l1 = self._stack.l1 if self._stack is not None else None
-        return self.stats.snapshot(l1.evictions if l1 is not None else 0)
+    def get_stats(self, local: bool = False) -> dict[str, Any]:
+        """This cache's counters (DESIGN section 6), summed over every process and worker.
+
+        The sum is kept in Redis (each process flushes at least once a second, and this call
+        flushes this process first). ``local=True`` gives this process's counters only; so does
+        a cache without Redis, or Redis being unreachable (then ``"scope"`` says ``"local"``).
+        """
+        stack = self._stack
+        if not local and stack is not None and stack.l2 is not None:
+            runtime = stack.runtime
+            sync = runtime.stats_sync if runtime is not None else None
+            if sync is not None:
+                try:
+                    return {**sync.read(stack), "scope": "cluster"}
+                except L2Unavailable:
+                    pass
+        return {**self.stats.snapshot(), "scope": "local"}
 
     def close(self) -> None:
         """Unregister this cache (its name can be declared again)."""

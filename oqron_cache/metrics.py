@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import threading
+from collections.abc import Mapping
 from typing import Any
 
 LATENCY_SAMPLE = 16  # time one L1 hit in this many
@@ -33,9 +34,13 @@ COUNTERS = (
     "oversize",  # values returned but not cached (max_value_bytes)
     "corrupt",  # L2 payloads that were not our envelope (treated as misses)
     "lock_timeouts",  # waiters that passed lock_ttl and computed the value themselves
+    "evictions",  # L1 entries dropped because L1 was full
     "sets",
     "deletes",
 )
+
+
+TIERS = ("memory", "redis", "resolver")
 
 
 def _count_value(counter: itertools.count[int]) -> int:
@@ -51,11 +56,8 @@ class Stats:
         self.gets = itertools.count()
         self.counts: dict[str, int] = dict.fromkeys(COUNTERS, 0)
         # tier -> [total seconds, samples]
-        self.latency: dict[str, list[float]] = {
-            "memory": [0.0, 0],
-            "redis": [0.0, 0],
-            "resolver": [0.0, 0],
-        }
+        self.latency: dict[str, list[float]] = {tier: [0.0, 0] for tier in TIERS}
+        self._flushed: dict[str, float] = {}
 
     def incr(self, name: str, amount: int = 1) -> None:
         """Add ``amount`` to counter ``name``."""
@@ -69,24 +71,51 @@ class Stats:
             slot[0] += seconds
             slot[1] += 1
 
-    def snapshot(self, evictions: int) -> dict[str, Any]:
-        """The DESIGN section 6 view of these counters."""
+    def raw(self, evictions: int | None = None) -> dict[str, float]:
+        """Every counter and latency sum as a flat mapping (what is aggregated in Redis)."""
         with self._lock:
-            counts = dict(self.counts)
-            latency = {
-                tier: (total / n * 1000.0 if n else 0.0)
-                for tier, (total, n) in self.latency.items()
-            }
-        gets = _count_value(self.gets)
-        misses = counts["misses"]
-        hits = max(gets - misses, 0)
-        return {
-            "hits": hits,
-            "misses": misses,
-            "hit_rate": hits / gets if gets else 0.0,
-            "stampede_prevented": counts["stampede_prevented"],
-            "avg_latency_ms": latency,
-            "evictions": evictions,
-            "gets": gets,
-            **{k: v for k, v in counts.items() if k not in ("misses", "stampede_prevented")},
-        }
+            out: dict[str, float] = dict(self.counts)
+            for tier, (total, n) in self.latency.items():
+                out[f"lat_{tier}_s"] = total
+                out[f"lat_{tier}_n"] = n
+        out["gets"] = _count_value(self.gets)
+        return out
+
+    def snapshot(self, evictions: int | None = None) -> dict[str, Any]:
+        """The DESIGN section 6 view of this process's counters."""
+        return view(self.raw(evictions))
+
+    def pending(self, evictions: int | None = None) -> tuple[dict[str, float], dict[str, float]]:
+        """``(current, delta)``: the counters now and what changed since :meth:`flushed`."""
+        current = self.raw(evictions)
+        delta = {k: v - self._flushed.get(k, 0) for k, v in current.items()}
+        return current, {k: v for k, v in delta.items() if v}
+
+    def flushed(self, current: dict[str, float]) -> None:
+        """Record that ``current`` (from :meth:`pending`) is now counted in Redis."""
+        self._flushed = current
+
+
+def view(raw: Mapping[str, float]) -> dict[str, Any]:
+    """Turn flat counters (one process's, or the sum over processes) into the stats dict."""
+    gets = int(raw.get("gets", 0))
+    misses = int(raw.get("misses", 0))
+    hits = max(gets - misses, 0)
+    latency = {}
+    for tier in TIERS:
+        n = raw.get(f"lat_{tier}_n", 0)
+        latency[tier] = raw.get(f"lat_{tier}_s", 0.0) / n * 1000.0 if n else 0.0
+    return {
+        "hits": hits,
+        "misses": misses,
+        "hit_rate": hits / gets if gets else 0.0,
+        "stampede_prevented": int(raw.get("stampede_prevented", 0)),
+        "avg_latency_ms": latency,
+        "evictions": int(raw.get("evictions", 0)),
+        "gets": gets,
+        **{
+            k: int(raw.get(k, 0))
+            for k in COUNTERS
+            if k not in ("misses", "stampede_prevented", "evictions")
+        },
+    }

@@ -28,6 +28,7 @@ from .keys import KeySpace, bus_channel
 from .refresh import Dispatcher
 from .serializers import get_codec
 from .stack import CacheStack
+from .stats_sync import StatsSync
 from .tasks import Enqueuer, check_timings, install
 from .tiers.memory import MemoryStore
 from .tiers.redis import RedisConn, RedisStore
@@ -69,6 +70,7 @@ class Runtime:
         self.bus: Bus | None = None
         self.stacks: dict[str, CacheStack] = {}
         self.enqueuer: Enqueuer | None = None
+        self.stats_sync: StatsSync | None = None
         if settings.celery_app is not None:
             install(settings.celery_app)
             self.enqueuer = Enqueuer(settings.celery_app, settings.enqueue_budget)
@@ -76,6 +78,7 @@ class Runtime:
         if settings.redis_url is not None:
             self.client = make_client(settings)
             self.conn = RedisConn(self.client, CircuitBreaker())
+            self.stats_sync = StatsSync(self)
             # The bus has its own client without retries: a dropped subscription must surface
             # as an error here (and flush L1), not be silently re-established by redis-py.
             self.bus = Bus(
@@ -115,6 +118,8 @@ class Runtime:
             )
         self._check_eviction_policy()
         self.bus.start(wait=1.0)
+        if self.stats_sync is not None:
+            self.stats_sync.start()
 
     def _check_eviction_policy(self) -> None:
         """Warn if the cache's Redis is also the Celery broker and evicts any key (row 19)."""
@@ -159,7 +164,11 @@ class Runtime:
                     )
                 keyspace = KeySpace(self.settings.namespace, cache.name, opts.max_key_bytes)
                 l2 = RedisStore(self.conn, keyspace, bus_channel(self.settings.namespace))
-            l1 = MemoryStore(opts.l1.max_size) if opts.l1 is not None else None
+            l1 = (
+                MemoryStore(opts.l1.max_size, lambda: cache.stats.incr("evictions"))
+                if opts.l1 is not None
+                else None
+            )
             clock = cache.clock or self.settings.clock or time.time
             stack = CacheStack(opts, get_codec(opts.codec), l1, l2, self, cache.stats, clock)
             if self.settings.celery_app is not None:
@@ -186,6 +195,8 @@ class Runtime:
 
     def close(self) -> None:
         """Stop the bus and the dispatcher, close connections."""
+        if self.stats_sync is not None:
+            self.stats_sync.stop()
         if self.bus is not None:
             self.bus.stop()
             with contextlib.suppress(Exception):  # closing is best effort

@@ -65,7 +65,9 @@ def closing() -> Iterator[Callable[[Any], Any]]:
 
 
 def l2_keys(client: redis.Redis, namespace: str) -> list[str]:
-    return sorted(k.decode() for k in client.scan_iter(match=f"oqron:{namespace}:*", count=1000))
+    """The namespace's keys, except the cluster-wide stats hashes."""
+    keys = (k.decode() for k in client.scan_iter(match=f"oqron:{namespace}:*", count=1000))
+    return sorted(k for k in keys if not k.startswith(f"oqron:{namespace}:stats:"))
 
 
 def assert_not_registered(name_part: str) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import threading
+from collections.abc import Callable
 from typing import Any
 
 from cachetools import LRUCache
@@ -51,9 +52,12 @@ class _CountingLRU(LRUCache[str, L1Item]):
     """An LRUCache that counts capacity evictions (``popitem`` is only called for those)."""
 
     evictions = 0
+    on_evict: Callable[[], None] | None = None
 
     def popitem(self) -> tuple[str, L1Item]:
         self.evictions += 1
+        if self.on_evict is not None:
+            self.on_evict()
         return super().popitem()
 
 
@@ -62,9 +66,10 @@ class MemoryStore:
 
     __slots__ = ("_data", "_lock", "data", "lock", "max_size")
 
-    def __init__(self, max_size: int) -> None:
+    def __init__(self, max_size: int, on_evict: Callable[[], None] | None = None) -> None:
         self.max_size = max_size
         self._data = _CountingLRU(maxsize=max_size)
+        self._data.on_evict = on_evict
         self._lock = threading.Lock()
         # Exposed for the read path's inlined hit lookup (CacheStack.get); hold ``lock``.
         self.data = self._data

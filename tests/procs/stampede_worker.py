@@ -116,7 +116,7 @@ def _stampede(args: argparse.Namespace, raw: redis.Redis) -> None:
     go.set()
     for thread in threads:
         thread.join()
-    emit("result", values=values, errors=errors, latencies=latencies, stats=cache.get_stats())
+    emit("result", values=values, errors=errors, latencies=latencies, stats=cache.get_stats(local=True))
 
 
 def _hold(args: argparse.Namespace) -> None:
@@ -151,7 +151,7 @@ def _watch(args: argparse.Namespace) -> None:
             return
         expected = command["value"]
         deadline = time.monotonic() + float(command["deadline"])
-        hits_before = cache.get_stats()["l2_hits"]
+        hits_before = cache.get_stats(local=True)["l2_hits"]
         reads = 0
         emit("polling")
         while True:
@@ -167,7 +167,7 @@ def _watch(args: argparse.Namespace) -> None:
             t=now,
             value=value,
             reads=reads,
-            l2_hits=cache.get_stats()["l2_hits"] - hits_before,
+            l2_hits=cache.get_stats(local=True)["l2_hits"] - hits_before,
         )
     os._exit(4)  # stdin closed: the parent is gone
 
