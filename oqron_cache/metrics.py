@@ -8,6 +8,7 @@ slow paths. Field names follow DESIGN section 6.
 
 from __future__ import annotations
 
+import bisect
 import itertools
 import threading
 from collections.abc import Mapping
@@ -41,6 +42,26 @@ COUNTERS = (
 
 
 TIERS = ("memory", "redis", "resolver")
+# Upper bounds (seconds) of the latency histogram buckets, Prometheus-style (cumulative on export).
+BUCKETS = (
+    0.00001,
+    0.00005,
+    0.0001,
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+)
 
 
 def _count_value(counter: itertools.count[int]) -> int:
@@ -57,6 +78,8 @@ class Stats:
         self.counts: dict[str, int] = dict.fromkeys(COUNTERS, 0)
         # tier -> [total seconds, samples]
         self.latency: dict[str, list[float]] = {tier: [0.0, 0] for tier in TIERS}
+        # tier -> observations per bucket (the last slot is +Inf)
+        self.buckets: dict[str, list[int]] = {tier: [0] * (len(BUCKETS) + 1) for tier in TIERS}
         self._flushed: dict[str, float] = {}
 
     def incr(self, name: str, amount: int = 1) -> None:
@@ -66,10 +89,24 @@ class Stats:
 
     def observe(self, tier: str, seconds: float) -> None:
         """Record one latency sample for ``tier`` ("memory", "redis" or "resolver")."""
+        index = bisect.bisect_left(BUCKETS, seconds)
         with self._lock:
             slot = self.latency[tier]
             slot[0] += seconds
             slot[1] += 1
+            self.buckets[tier][index] += 1
+
+    def histogram(self, tier: str) -> tuple[list[tuple[str, int]], float]:
+        """Cumulative ``(le, count)`` buckets and the sum of ``tier``'s samples (Prometheus)."""
+        with self._lock:
+            counts = list(self.buckets[tier])
+            total = self.latency[tier][0]
+        out: list[tuple[str, int]] = []
+        running = 0
+        for bound, count in zip((*map(str, BUCKETS), "+Inf"), counts, strict=True):
+            running += count
+            out.append((bound, running))
+        return out, total
 
     def raw(self, evictions: int | None = None) -> dict[str, float]:
         """Every counter and latency sum as a flat mapping (what is aggregated in Redis)."""
