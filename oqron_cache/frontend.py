@@ -11,6 +11,7 @@ from . import registry
 from .config import current_runtime
 from .durations import Duration, parse_duration, positive_int
 from .errors import ConfigurationError, InvalidKeyError
+from .invalidation import invalidate_pattern, invalidate_tag
 from .keys import Glob, validate_cache_name
 from .metrics import Stats
 from .options import (
@@ -25,7 +26,7 @@ from .options import (
     stampede_from_dict,
 )
 from .serializers import get_codec
-from .stack import CacheStack
+from .stack import MAX_TAG_BYTES, CacheStack
 from .tiers.redis import L2Unavailable
 
 log = logging.getLogger("oqron_cache")
@@ -131,35 +132,23 @@ class Cache:
                 f"invalidate_pattern({pattern!r}) would drop the whole cache {self.name!r}; "
                 "pass allow_all=True if that is what you mean"
             )
-        glob = Glob(pattern)
-        stack = self.stack
-        removed = 0
-        if stack.l2 is not None:
-            l2 = stack.l2
-            try:
-                batch: list[bytes] = []
-                for rkey in l2.scan(l2.keys.match_values(glob), SCAN_COUNT):
-                    user_key = l2.keys.user_key(rkey.decode("utf-8", "surrogateescape"))
-                    if user_key is None or not glob.matches(user_key):
-                        continue  # SCAN's pattern is a superset; the glob decides
-                    batch.append(rkey)
-                    if len(batch) >= UNLINK_BATCH:
-                        removed += l2.unlink(batch)
-                        batch.clear()
-                if batch:
-                    removed += l2.unlink(batch)
-                l2.publish(stack._message("clear", []))
-            except L2Unavailable:
-                stack.stats.incr("l2_errors")
-        if stack.l1 is not None:
-            for key in stack.l1.keys():  # noqa: SIM118 - MemoryStore.keys() is a locked snapshot
-                if glob.matches(key):
-                    stack.l1.discard(key)
-        return removed
+        return invalidate_pattern(self.stack, Glob(pattern), SCAN_COUNT, UNLINK_BATCH)
 
     def invalidate_by_tag(self, tag: str) -> int:
-        """Delete every entry of this cache carrying ``tag`` (not available yet: issue 4)."""
-        raise NotImplementedError("invalidate_by_tag arrives with cross-process tag indexes")
+        """Delete every entry of this cache carrying ``tag``; return how many were in L2.
+
+        Tags come from ``tags=lambda key, value: [...]`` at fill time. The tag is literal (glob
+        characters in it mean themselves). Entries are dropped page by page (SSCAN), so a tag
+        of 100,000 entries does not block Redis; every process's L1 drops them through the bus.
+        A load of a tagged entry that was in flight when this was called cannot bring it back.
+        """
+        if not isinstance(tag, str):
+            raise TypeError(f"tag must be a str; got {type(tag).__name__}")
+        if not tag or len(tag.encode("utf-8", "surrogatepass")) > MAX_TAG_BYTES:
+            raise ConfigurationError(
+                f"tag must hold 1..{MAX_TAG_BYTES} bytes; got {len(tag)} chars"
+            )
+        return invalidate_tag(self.stack, tag)
 
     def get_stats(self, local: bool = False) -> dict[str, Any]:
         """This cache's counters (DESIGN section 6), summed over every process and worker.

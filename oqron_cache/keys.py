@@ -169,6 +169,19 @@ class KeySpace:
         """Redis key of the entry's fill/refresh lock (same hash tag as the value)."""
         return f"{self.prefix}{self.encoded(key)}}}:l"
 
+    @property
+    def cache_slot(self) -> str:
+        """Prefix of the cache-wide keys (tag sets, invalidation log): hash tag ``{<cache>}``."""
+        return f"oqron:{self.namespace}:{{{escape(self.cache)}}}:"
+
+    def tag_set(self, tag: str) -> str:
+        """The set indexing the entries that carry ``tag`` (members: encoded key + version)."""
+        return f"{self.cache_slot}tag:{escape(tag)}"
+
+    def invalidations(self) -> str:
+        """The sorted set of recent pattern/tag invalidations (score: Redis time, ms)."""
+        return f"{self.cache_slot}inv"
+
     def match_values(self, user_pattern: str | Glob) -> str:
         """A SCAN MATCH pattern for (a superset of) the value keys matching ``user_pattern``."""
         glob = user_pattern if isinstance(user_pattern, Glob) else Glob(user_pattern)

@@ -32,6 +32,7 @@ COUNTERS = (
     "enqueue_failures",  # refresh tasks the broker did not take in time (run here instead)
     "l2_errors",  # Redis calls that failed (down, slow, OOM, read-only)
     "l2_write_conflicts",  # fills refused because a newer write or invalidation won (P5)
+    "invalidated_in_flight",  # fills withdrawn: a pattern/tag invalidation raced their load
     "oversize",  # values returned but not cached (max_value_bytes)
     "corrupt",  # L2 payloads that were not our envelope (treated as misses)
     "lock_timeouts",  # waiters that passed lock_ttl and computed the value themselves

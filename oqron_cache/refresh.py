@@ -167,7 +167,7 @@ def plan_refresh(stack: CacheStack, key: str, seen: bytes, early: bool = False) 
         return run_refresh(stack, key, "", seen, checked=True)
     token = secrets.token_hex(16)
     try:
-        won, raw = stack.l2.acquire_or_read(key, token, stack.opts.stampede.lock_ttl)
+        won, raw, redis_now = stack.l2.acquire_or_read(key, token, stack.opts.stampede.lock_ttl)
     except L2Unavailable:
         stack.stats.incr("l2_errors")
         stack.stats.incr("refreshes_enqueued")
@@ -187,11 +187,17 @@ def plan_refresh(stack: CacheStack, key: str, seen: bytes, early: bool = False) 
         if enqueuer.enqueue(stack.name, key, token, found.seen, stack.opts.stampede.lock_ttl):
             return "enqueued"
         stack.stats.incr("enqueue_failures")  # broker down or slow: refresh here instead
-    return run_refresh(stack, key, token, found.seen, checked=True)
+    return run_refresh(stack, key, token, found.seen, checked=True, started_us=redis_now)
 
 
 def run_refresh(
-    stack: CacheStack, key: str, token: str, seen: bytes, *, checked: bool = False
+    stack: CacheStack,
+    key: str,
+    token: str,
+    seen: bytes,
+    *,
+    checked: bool = False,
+    started_us: int | None = None,
 ) -> str:
     """Recompute ``key`` and write it if the entry is still at version ``seen``.
 
@@ -203,6 +209,8 @@ def run_refresh(
     resolver = stack.opts.resolver
     if resolver is None:
         return "no-resolver"
+    if started_us is None:
+        started_us = stack._redis_now()
     if not checked:
         found = stack._read_l2(key)
         if found is not None and found.seen != seen:
@@ -233,7 +241,7 @@ def run_refresh(
     elapsed = time.perf_counter() - started
     stack.stats.incr("resolver_calls")
     stack.stats.observe("resolver", elapsed)
-    if not stack._store(key, value, seen, token, elapsed):
+    if not stack._store(key, value, seen, token, elapsed, started_us):
         return "conflict"
     stack.stats.incr("refreshes_succeeded")
     return "refreshed"

@@ -20,6 +20,7 @@ from .bus import encode_message
 from .entry import NO_VERSION, Action, Corrupt, Entry, decide, new_version, pack, unpack
 from .errors import ConfigurationError
 from .flight import Flights
+from .invalidation import after_fill
 from .keys import printable
 from .metrics import LATENCY_SAMPLE, Stats
 from .options import CacheOptions
@@ -35,6 +36,7 @@ log = logging.getLogger("oqron_cache")
 Resolver = Callable[[str], Any]
 _MISSING: Any = object()
 MAX_TAG_BYTES = 256  # with max_tags <= 200 the tag block always fits the envelope's 16-bit length
+NEVER = 1 << 62  # "the load began at the end of time": no invalidation can postdate it
 EARLY_SPAN = 10.0  # see CacheStack._early_from
 WAIT_SLICE = 0.2  # a lost pub/sub message costs a waiter at most this long (safety net, not a poll)
 
@@ -273,8 +275,10 @@ class CacheStack:
             if item is not None and self.clock() < item.fresh_until:
                 return item.value
         if self.l2 is None or not self.opts.stampede.enabled:
+            started_us = self._redis_now()
             found = self._read_l2(key, recheck=True)
-            return self._compute(key, resolver, found.seen if found else NO_VERSION, "", fallback)
+            seen = found.seen if found else NO_VERSION
+            return self._compute(key, resolver, seen, "", fallback, started_us)
         lock_ttl = self.opts.stampede.lock_ttl
         deadline = time.monotonic() + lock_ttl
         waiters = self.runtime.bus.waiters if self.runtime and self.runtime.bus else None
@@ -283,6 +287,7 @@ class CacheStack:
         event = waiters.register(self.name, key) if waiters is not None else None
         found = first
         waited = False
+        redis_now: int | None = None
         try:
             while True:
                 if found is None:  # L2 unavailable: nobody to coordinate with
@@ -296,7 +301,7 @@ class CacheStack:
                 # filled it since our read; if so we must not load it a second time).
                 token = secrets.token_hex(16)
                 try:
-                    won, raw = self.l2.acquire_or_read(key, token, lock_ttl)
+                    won, raw, redis_now = self.l2.acquire_or_read(key, token, lock_ttl)
                 except L2Unavailable:
                     self.stats.incr("l2_errors")
                     return self._compute(key, resolver, NO_VERSION, "", fallback)
@@ -307,7 +312,7 @@ class CacheStack:
                         self._put_l1(key, found.entry)
                         return found.entry.value
                     if not self._load_in_worker(key, resolver, token, found.seen):
-                        return self._compute(key, resolver, found.seen, token, fallback)
+                        return self._compute(key, resolver, found.seen, token, fallback, redis_now)
                     # miss="worker": a worker loads it; wait for its fill like any waiter.
                 if found.entry is not None and self.clock() < found.entry.fresh_until:
                     continue  # filled meanwhile: served at the top of the loop
@@ -315,7 +320,7 @@ class CacheStack:
                 if remaining <= 0:
                     # Liveness beats dedup: the holder is slow or dead; compute it ourselves.
                     self.stats.incr("lock_timeouts")
-                    return self._compute(key, resolver, found.seen, "", fallback)
+                    return self._compute(key, resolver, found.seen, "", fallback, redis_now)
                 waited = True
                 if event is not None:
                     event.wait(min(remaining, WAIT_SLICE))
@@ -337,8 +342,30 @@ class CacheStack:
         self.stats.incr("enqueue_failures")
         return False
 
-    def _compute(self, key: str, resolver: Resolver, seen: bytes, token: str, fallback: Any) -> Any:
-        """Run the resolver, store the value (compare-and-set on ``seen``), return it."""
+    def _redis_now(self) -> int | None:
+        """Redis's clock in µs (when a load begins), or None without L2."""
+        if self.l2 is None:
+            return None
+        try:
+            return self.l2.now_us()
+        except L2Unavailable:
+            self.stats.incr("l2_errors")
+            return None
+
+    def _compute(
+        self,
+        key: str,
+        resolver: Resolver,
+        seen: bytes,
+        token: str,
+        fallback: Any,
+        started_us: int | None = None,
+    ) -> Any:
+        """Run the resolver, store the value (compare-and-set on ``seen``), return it.
+
+        ``started_us`` (Redis time in µs when the load began) lets the store see invalidations that
+        raced the load.
+        """
         started = time.perf_counter()
         try:
             value = resolver(key)
@@ -359,7 +386,7 @@ class CacheStack:
         elapsed = time.perf_counter() - started
         self.stats.incr("resolver_calls")
         self.stats.observe("resolver", elapsed)
-        self._store(key, value, seen, token, elapsed)
+        self._store(key, value, seen, token, elapsed, started_us)
         return value
 
     # ------------------------------------------------------------------ writes
@@ -414,7 +441,15 @@ class CacheStack:
             return None
         return pack(entry, self.codec.codec_id, payload)
 
-    def _store(self, key: str, value: Any, seen: bytes, token: str, delta: float) -> bool:
+    def _store(
+        self,
+        key: str,
+        value: Any,
+        seen: bytes,
+        token: str,
+        delta: float,
+        started_us: int | None = None,
+    ) -> bool:
         """Write a resolved value to L2 (only if still at ``seen``) and to L1.
 
         Returns False if it was not cached: too large, or a newer write won (P5).
@@ -445,6 +480,8 @@ class CacheStack:
                     # A newer set or an invalidation landed while we computed: it wins (P5).
                     self.stats.incr("l2_write_conflicts")
                     return False
+                if started_us is not None and not after_fill(self, key, entry, started_us):
+                    return False  # a pattern/tag invalidation raced the load: withdrawn
         self._put_l1(key, entry)
         return True
 
@@ -466,6 +503,9 @@ class CacheStack:
                 )
             except L2Unavailable:
                 self.stats.incr("l2_errors")
+            else:
+                if entry.tags:  # a written value is new data: index it, nothing to withdraw
+                    after_fill(self, key, entry, NEVER)
         self._put_l1(key, entry)
 
     def delete(self, key: str) -> None:
@@ -512,6 +552,7 @@ class CacheStack:
                 entry.version,
                 self._early_from(entry),
                 entry.delta,
+                entry.tags,
             ),
         )
 
@@ -572,5 +613,9 @@ class CacheStack:
             return
         if op == "clear":
             self.l1.clear()
+        elif op == "tag":
+            from .invalidation import evict_tags_from_l1
+
+            evict_tags_from_l1(self, keys)
         else:
             self.l1.discard_many(keys)

@@ -65,9 +65,15 @@ def closing() -> Iterator[Callable[[Any], Any]]:
 
 
 def l2_keys(client: redis.Redis, namespace: str) -> list[str]:
-    """The namespace's keys, except the cluster-wide stats hashes."""
+    """The namespace's keys, except bookkeeping: stats hashes, invalidation logs, tag sets."""
     keys = (k.decode() for k in client.scan_iter(match=f"oqron:{namespace}:*", count=1000))
-    return sorted(k for k in keys if not k.startswith(f"oqron:{namespace}:stats:"))
+    return sorted(
+        k
+        for k in keys
+        if not k.startswith(f"oqron:{namespace}:stats:")
+        and not k.endswith("}:inv")
+        and "}:tag:" not in k
+    )
 
 
 def assert_not_registered(name_part: str) -> None:

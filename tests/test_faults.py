@@ -381,7 +381,8 @@ def make_acl_user(private_redis: RedisServer) -> None:
     private_redis.client().execute_command(
         "ACL", "SETUSER", "oq", "reset", "on", f">{ACL_PASSWORD}",
         "~oqron:*", "&oqron:*",
-        "+@read", "+@write", "+@scripting", "+@pubsub", "+ping", "+client", "-@dangerous",
+        "+@read", "+@write", "+@scripting", "+@pubsub", "+ping", "+client", "+time",
+        "-@dangerous",
     )  # fmt: skip
 
 

@@ -25,6 +25,7 @@ class L1Item:
         "fresh_until",
         "l1_until",
         "stale_until",
+        "tags",
         "value",
         "version",
     )
@@ -38,6 +39,7 @@ class L1Item:
         version: bytes,
         early_from: float = math.inf,
         delta: float = 0.0,
+        tags: tuple[str, ...] = (),
     ) -> None:
         self.value = value
         self.fresh_until = fresh_until
@@ -46,6 +48,7 @@ class L1Item:
         self.version = version
         self.early_from = early_from  # probabilistic early refresh may start here (inf: never)
         self.delta = delta  # seconds the resolver took for this value
+        self.tags = tags
 
 
 class _CountingLRU(LRUCache[str, L1Item]):
@@ -115,6 +118,11 @@ class MemoryStore:
             count = len(self._data)
             self._data.clear()
             return count
+
+    def items(self) -> list[tuple[str, L1Item]]:
+        """A snapshot of the entries held (for tag eviction)."""
+        with self._lock:
+            return list(self._data.items())
 
     def keys(self) -> list[str]:
         """A snapshot of the keys held (for pattern and tag eviction)."""

@@ -75,14 +75,16 @@ return 1
 # ARGV[2] - lock TTL, ms
 # Try to take the lock and, in the same round trip, read the entry: a waiter learns whether a
 # holder filled it already, a winner double-checks before running the resolver.
-# Returns {1 if the lock was taken else 0, the envelope or nil}.
+# Returns {1 if the lock was taken else 0, the envelope or nil, Redis time in µs}.
 _ACQUIRE_OR_READ = """
 local won = redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2])
 local cur = redis.call('GET', KEYS[1])
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 if won then
-  return {1, cur}
+  return {1, cur, now}
 end
-return {0, cur}
+return {0, cur, now}
 """
 
 # KEYS[1] - the entry's value key
@@ -139,6 +141,58 @@ return 0
 _TIMES = struct.Struct(">dd")  # fresh_until, stale_until
 
 
+# KEYS[1]    - the cache's invalidation log (sorted set, cache-wide slot)
+# KEYS[2..n] - the tag sets of the entry's tags (same slot)
+# ARGV[1]    - the member naming the entry: encoded key .. '|' .. version hex
+# ARGV[2]    - how long the tag sets must live at least, ms
+# ARGV[3]    - when the load of the entry began (Redis time, µs)
+# After a fill: index the entry under its tags, and return the invalidations recorded since the
+# load began. Atomic: an invalidation either comes before (the filler sees it and withdraws its
+# entry) or after (its scan of the tag set finds the entry).
+_INDEX = """
+for i = 2, #KEYS do
+  redis.call('SADD', KEYS[i], ARGV[1])
+  if redis.call('PTTL', KEYS[i]) < tonumber(ARGV[2]) then
+    redis.call('PEXPIRE', KEYS[i], ARGV[2])
+  end
+end
+return redis.call('ZRANGEBYSCORE', KEYS[1], ARGV[3], '+inf')
+"""
+
+# KEYS[1] - the cache's invalidation log
+# ARGV[1] - the invalidation ('p:' .. pattern or 't:' .. tag)
+# ARGV[2] - how long invalidations are remembered, ms
+# Records an invalidation at Redis's clock (µs) and forgets the old ones; returns the time.
+_RECORD = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+redis.call('ZADD', KEYS[1], now, ARGV[1])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - tonumber(ARGV[2]) * 1000)
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+return now
+"""
+
+# KEYS[1] - the entry's value key
+# ARGV[1] - the version to drop (8 bytes)
+# ARGV[2] - tombstone envelope
+# ARGV[3] - tombstone TTL, ms
+# ARGV[4] - bus channel ('' = do not announce; the caller announces in bulk)
+# ARGV[5] - bus message
+# Drop the entry only if it is still that version (an invalidation must not hit a newer write).
+_DROP_IF_VERSION = """
+local cur = redis.call('GET', KEYS[1])
+if cur and string.sub(cur, 3, 10) == ARGV[1] then
+  redis.call('DEL', KEYS[1])
+  if ARGV[4] ~= '' then
+    redis.call('PUBLISH', ARGV[4], ARGV[5])
+  end
+  redis.pcall('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+  return 1
+end
+return 0
+"""
+
+
 def _ms(seconds: float) -> int:
     return max(1, int(seconds * 1000))
 
@@ -163,6 +217,9 @@ class RedisConn:
         self.touch_script = client.register_script(_TOUCH)
         self.tombstone_script = client.register_script(_TOMBSTONE)
         self.acquire_script = client.register_script(_ACQUIRE_OR_READ)
+        self.index_script = client.register_script(_INDEX)
+        self.record_script = client.register_script(_RECORD)
+        self.drop_script = client.register_script(_DROP_IF_VERSION)
 
     def run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Call ``fn`` through the breaker; raise :class:`L2Unavailable` on any Redis failure.
@@ -219,12 +276,21 @@ class RedisStore:
         )
         return bool(ok)
 
-    def acquire_or_read(self, key: str, token: str, ttl: float) -> tuple[bool, bytes | None]:
-        """Try to take ``key``'s lock and read its envelope, in one round trip."""
+    def acquire_or_read(self, key: str, token: str, ttl: float) -> tuple[bool, bytes | None, int]:
+        """Try to take ``key``'s lock and read its envelope, in one round trip.
+
+        Also returns Redis's clock (µs): the instant a load that follows begins, comparable
+        with the instants invalidations are recorded at.
+        """
         keys = [self.keys.value(key), self.keys.lock(key)]
         reply = self.conn.run(self.conn.acquire_script, keys=keys, args=[token, _ms(ttl)])
-        won, raw = cast("list[Any]", reply)
-        return bool(won), raw
+        won, raw, now = cast("list[Any]", reply)
+        return bool(won), raw, int(now)
+
+    def now_us(self) -> int:
+        """Redis's clock, in µs."""
+        seconds, micros = cast("tuple[int, int]", self.conn.run(self.conn.client.time))
+        return int(seconds) * 1_000_000 + int(micros)
 
     def release(self, key: str, token: str) -> bool:
         """Release ``key``'s lock if ``token`` still owns it."""

@@ -116,7 +116,13 @@ def _stampede(args: argparse.Namespace, raw: redis.Redis) -> None:
     go.set()
     for thread in threads:
         thread.join()
-    emit("result", values=values, errors=errors, latencies=latencies, stats=cache.get_stats(local=True))
+    emit(
+        "result",
+        values=values,
+        errors=errors,
+        latencies=latencies,
+        stats=cache.get_stats(local=True),
+    )
 
 
 def _hold(args: argparse.Namespace) -> None:
