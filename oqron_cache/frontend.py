@@ -28,6 +28,8 @@ from .options import (
 from .serializers import get_codec
 from .stack import MAX_TAG_BYTES, CacheStack
 from .tiers.redis import L2Unavailable
+from .write_through import WriteHandle
+from .write_through import start as start_write
 
 log = logging.getLogger("oqron_cache")
 
@@ -99,18 +101,28 @@ class Cache:
             raise TypeError(f"get_or_set factory must be callable; got {type(factory).__name__}")
         return self.stack.get(key, lambda _key: factory())
 
-    def set(self, key: str, value: Any) -> None:
+    def set(
+        self, key: str, value: Any, *, wait: bool = True, timeout: float = 30.0
+    ) -> WriteHandle | None:
         """Store ``value`` in every tier; other processes drop their L1 copy.
 
-        With ``write_through``, the origin is written first and the cache only if it accepted.
+        With ``write_through``, the origin is written first and the cache only after it accepted
+        the value: through a Celery chain (retried, durable) when a Celery app is configured,
+        inline otherwise. ``set()`` then waits for the chain (read-your-writes) up to
+        ``timeout`` seconds and raises :class:`~oqron_cache.write_through.WriteThroughError` if
+        the origin refused; ``wait=False`` returns the :class:`WriteHandle` at once.
         Raises :class:`~oqron_cache.errors.SerializationError` if the codec cannot store the
         value faithfully. Redis being down is not an error (L1 is updated, the error counted).
         """
         if type(key) is not str or not key:
             raise _bad_key(key)
-        if self.options.write_through is not None:
-            self.options.write_through(key, value)
-        self.stack.set(key, value)
+        if self.options.write_through is None:
+            self.stack.set(key, value)
+            return None
+        handle = start_write(self.stack, key, value)
+        if wait:
+            handle.wait(timeout)
+        return handle
 
     def delete(self, key: str) -> None:
         """Remove ``key`` from every tier and from every process's L1."""

@@ -169,6 +169,10 @@ class KeySpace:
         """Redis key of the entry's fill/refresh lock (same hash tag as the value)."""
         return f"{self.prefix}{self.encoded(key)}}}:l"
 
+    def writes(self, key: str) -> str:
+        """The hash of write-through outcomes of the entry (field: version hex)."""
+        return f"{self.prefix}{self.encoded(key)}}}:w"
+
     @property
     def cache_slot(self) -> str:
         """Prefix of the cache-wide keys (tag sets, invalidation log): hash tag ``{<cache>}``."""

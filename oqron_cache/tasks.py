@@ -20,6 +20,7 @@ import logging
 import queue
 import threading
 import warnings
+from collections.abc import Callable
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any
@@ -29,6 +30,14 @@ from .breaker import CircuitBreaker
 from .config import check_celery_app
 from .errors import OqronCacheError, UnknownCacheError
 from .keys import printable
+from .write_through import (
+    MAX_RETRIES,
+    WRITE_CACHE_TASK,
+    WRITE_ORIGIN_TASK,
+    WRITE_QUEUE,
+    cache_link,
+    origin_link,
+)
 
 log = logging.getLogger("oqron_cache.tasks")
 
@@ -46,6 +55,10 @@ _TASK_OPTIONS: dict[str, Any] = {
     "ignore_result": True,
     "serializer": "json",
 }
+
+
+class BrokerUnavailable(OqronCacheError, ConnectionError):
+    """The broker did not take a task within the enqueue budget (or its breaker is open)."""
 
 
 class TaskArgumentError(OqronCacheError, ValueError):
@@ -70,10 +83,10 @@ def _lookup(cache_name: object) -> Any:
     return registry.lookup(_text(cache_name, "cache", 200))
 
 
-def _guarded(task_name: str, body: Any, *args: Any) -> str:
+def _guarded(task_name: str, body: Any, *args: Any) -> Any:
     """Run a task body; bad messages are logged and dropped (acked), never retried."""
     try:
-        outcome: str = body(*args)
+        outcome = body(*args)
     except (TaskArgumentError, UnknownCacheError) as exc:
         log.error("%s rejected: %s", task_name, exc)
         return "rejected"
@@ -157,29 +170,97 @@ def install(app: Any) -> dict[str, Any]:
             continue
         options = dict(_TASK_OPTIONS)
 
-        def run(*args: Any, _name: str = name, _body: Any = body) -> str:
+        def run(*args: Any, _name: str = name, _body: Any = body) -> Any:
             return _guarded(_name, _body, *args)
 
         run.__name__ = run.__qualname__ = name.rsplit(".", 1)[1]
         tasks[name] = app.task(name=name, **options)(run)
+    _install_write_through(app, tasks)
     conf = app.conf
     default = conf.task_default_queue
     queues = list(conf.task_queues or [_queue(Exchange, Queue, default)])
-    if not any(q.name == REFRESH_QUEUE for q in queues):
-        queues.append(_queue(Exchange, Queue, REFRESH_QUEUE))
-        conf.task_queues = queues
-    route = {REFRESH_TASK: {"queue": REFRESH_QUEUE}}
+    for name in (REFRESH_QUEUE, WRITE_QUEUE):
+        if not any(q.name == name for q in queues):
+            queues.append(_queue(Exchange, Queue, name))
+    conf.task_queues = queues
+    route = {
+        REFRESH_TASK: {"queue": REFRESH_QUEUE},
+        WRITE_ORIGIN_TASK: {"queue": WRITE_QUEUE},
+        WRITE_CACHE_TASK: {"queue": WRITE_QUEUE},
+    }
     routes = conf.task_routes
     if routes is None:
         conf.task_routes = route
     elif isinstance(routes, dict):
-        routes.setdefault(REFRESH_TASK, route[REFRESH_TASK])
+        for name, target in route.items():
+            routes.setdefault(name, target)
     else:  # a list/tuple of routers: ours goes first
         conf.task_routes = (route, *routes)
     conf.worker_send_task_events = True
     conf.task_send_sent_event = True
     _connect_fork_hook()
     return tasks
+
+
+def _install_write_through(app: Any, tasks: dict[str, Any]) -> None:
+    """Register the two links of the write-through chain (see :mod:`.write_through`)."""
+    if WRITE_ORIGIN_TASK in app.tasks:
+        tasks[WRITE_ORIGIN_TASK] = app.tasks[WRITE_ORIGIN_TASK]
+        tasks[WRITE_CACHE_TASK] = app.tasks[WRITE_CACHE_TASK]
+        return
+
+    def write_origin(
+        self: Any,
+        cache_name: object,
+        key: object,
+        payload_b64: object,
+        version_hex: object,
+        created_at: object,
+    ) -> Any:
+        def body() -> Any:
+            cache = _lookup(cache_name)
+            if cache.options.write_through is None:
+                raise TaskArgumentError(f"cache {cache.name!r} has no write_through")
+            return origin_link(
+                self,
+                cache.stack,
+                _text(key, "key", MAX_KEY_CHARS),
+                _text(payload_b64, "payload", 64 << 20),
+                _text(version_hex, "version", 16),
+                _number(created_at),
+            )
+
+        return _guarded(WRITE_ORIGIN_TASK, body)
+
+    def write_cache(previous: object) -> str:
+        def body() -> str:
+            if previous is None:
+                return "skipped: the origin refused the write"
+            if not isinstance(previous, list) or len(previous) != 5:
+                raise TaskArgumentError("write_cache expects the origin link's result")
+            cache_name, key, payload_b64, version_hex, created_at = previous
+            cache = _lookup(cache_name)
+            return cache_link(
+                cache.stack,
+                _text(key, "key", MAX_KEY_CHARS),
+                _text(payload_b64, "payload", 64 << 20),
+                _text(version_hex, "version", 16),
+                _number(created_at),
+            )
+
+        return str(_guarded(WRITE_CACHE_TASK, body))
+
+    options = dict(_TASK_OPTIONS)
+    tasks[WRITE_ORIGIN_TASK] = app.task(
+        name=WRITE_ORIGIN_TASK, bind=True, max_retries=MAX_RETRIES, **options
+    )(write_origin)
+    tasks[WRITE_CACHE_TASK] = app.task(name=WRITE_CACHE_TASK, **options)(write_cache)
+
+
+def _number(value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TaskArgumentError(f"created_at must be a number; got {type(value).__name__}")
+    return float(value)
 
 
 def _queue(exchange_cls: Any, queue_cls: Any, name: str) -> Any:
@@ -230,7 +311,7 @@ def _connect_fork_hook() -> None:
 
 
 class Enqueuer:
-    """Sends refresh tasks within a time budget; a broker that fails or hangs is skipped.
+    """Sends tasks within a time budget; a broker that fails or hangs is skipped.
 
     Celery's ``apply_async`` can block for a long time when the broker is down (even with
     ``retry=False``), so publishing happens on one publisher thread and the caller waits for it
@@ -242,34 +323,56 @@ class Enqueuer:
         self.app = app
         self.budget = budget
         self.breaker = CircuitBreaker(cooldown=1.0, max_cooldown=30.0)
-        self._jobs: queue.Queue[tuple[list[str], str, float, Future[None]]] = queue.Queue(100)
+        self._jobs: queue.Queue[tuple[Callable[[], object], Future[None]]] = queue.Queue(100)
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
 
     def enqueue(self, cache: str, key: str, token: str, seen: bytes, lock_ttl: float) -> bool:
         """Send ``oqron_cache.refresh`` for ``key``; False if the broker did not take it."""
-        if not self.breaker.allow():
-            return False
-        future: Future[None] = Future()
+        task = self.app.tasks[REFRESH_TASK]
         args = [cache, key, token, seen.hex()]
+
+        def send() -> object:
+            return task.apply_async(
+                args=args,
+                task_id=refresh_task_id(cache, key),
+                expires=lock_ttl,  # a refresh that waited longer than its lock is moot
+                queue=REFRESH_QUEUE,
+                retry=False,
+                argsrepr=repr([cache, key, "***", args[3]]),  # the token stays out of Flower
+            )
+
         try:
-            self._jobs.put_nowait((args, refresh_task_id(cache, key), lock_ttl, future))
+            self.publish(send)
+        except BrokerUnavailable:
+            return False
+        return True
+
+    def publish(self, send: Callable[[], object]) -> None:
+        """Run ``send`` (a Celery publish) on the publisher thread within the budget.
+
+        Raises :class:`BrokerUnavailable` if it fails, times out, or the breaker is open.
+        """
+        if not self.breaker.allow():
+            raise BrokerUnavailable("broker circuit open")
+        future: Future[None] = Future()
+        try:
+            self._jobs.put_nowait((send, future))
         except queue.Full:
             self.breaker.failure()
-            return False
+            raise BrokerUnavailable("publish queue full") from None
         self._ensure_thread()
         try:
             future.result(timeout=self.budget)
         except FutureTimeout:
-            log.warning("broker did not take a refresh task within %.2fs", self.budget)
+            log.warning("broker did not take a task within %.2fs", self.budget)
             self.breaker.failure()
-            return False
+            raise BrokerUnavailable(f"broker did not answer within {self.budget}s") from None
         except Exception as exc:
-            log.warning("broker refused a refresh task: %s: %s", type(exc).__name__, exc)
+            log.warning("broker refused a task: %s: %s", type(exc).__name__, exc)
             self.breaker.failure()
-            return False
+            raise BrokerUnavailable(f"broker refused: {type(exc).__name__}") from exc
         self.breaker.success()
-        return True
 
     def _ensure_thread(self) -> None:
         with self._lock:
@@ -280,22 +383,12 @@ class Enqueuer:
                 self._thread.start()
 
     def _publish_loop(self) -> None:
-        task = self.app.tasks[REFRESH_TASK]
         while True:
-            args, task_id, lock_ttl, future = self._jobs.get()
+            send, future = self._jobs.get()
             if not future.set_running_or_notify_cancel():
                 continue
             try:
-                task.apply_async(
-                    args=args,
-                    task_id=task_id,
-                    expires=lock_ttl,  # a refresh that waited longer than its lock is moot
-                    queue=REFRESH_QUEUE,
-                    retry=False,
-                    argsrepr=repr(
-                        [args[0], args[1], "***", args[3]]
-                    ),  # the token stays out of Flower
-                )
+                send()
             except Exception as exc:
                 future.set_exception(exc)
             else:

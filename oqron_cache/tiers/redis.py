@@ -193,6 +193,40 @@ return 0
 """
 
 
+# KEYS[1] - the entry's value key
+# KEYS[2] - the entry's write-through outcomes (hash: version hex -> status)
+# ARGV[1] - the new envelope
+# ARGV[2] - its physical TTL, ms
+# ARGV[3] - its created_at (seconds, the writer's wall clock)
+# ARGV[4] - bus channel
+# ARGV[5] - bus message
+# ARGV[6] - the new envelope's version (8 bytes)
+# ARGV[7] - the version as hex (the outcome's field)
+# ARGV[8] - how long outcomes are kept, ms
+# Write-through's cache link: write unless a newer write (or delete) is already there, record
+# the outcome "ok" either way, announce. Idempotent: a redelivered link rewrites the same entry.
+_PUT_IF_NEWER = """
+local cur = redis.call('GET', KEYS[1])
+local write = true
+if cur and string.len(cur) >= 44 and string.sub(cur, 3, 10) ~= ARGV[6] then
+  local created = struct.unpack('>d', string.sub(cur, 11, 18))
+  if created > tonumber(ARGV[3]) then
+    write = false
+  end
+end
+if write then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+end
+redis.call('HSET', KEYS[2], ARGV[7], 'ok')
+redis.call('PEXPIRE', KEYS[2], ARGV[8])
+redis.call('PUBLISH', ARGV[4], ARGV[5])
+if write then
+  return 1
+end
+return 0
+"""
+
+
 def _ms(seconds: float) -> int:
     return max(1, int(seconds * 1000))
 
@@ -220,6 +254,7 @@ class RedisConn:
         self.index_script = client.register_script(_INDEX)
         self.record_script = client.register_script(_RECORD)
         self.drop_script = client.register_script(_DROP_IF_VERSION)
+        self.put_if_newer_script = client.register_script(_PUT_IF_NEWER)
 
     def run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Call ``fn`` through the breaker; raise :class:`L2Unavailable` on any Redis failure.
