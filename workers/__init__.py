@@ -8,6 +8,9 @@ Configured from the environment:
 * ``OQRON_CACHE_MODULES``: comma-separated modules to import, so their caches (declared with
   ``cache(...)`` or ``@refreshing_cache``) are in this worker's registry. A refresh task names a
   cache; the worker only ever runs caches registered here.
+* ``OQRON_VISIBILITY_TIMEOUT`` (seconds, Redis broker only; Celery's default is 3600): how long
+  a task taken by a worker that died stays invisible before another worker gets it. Keep it
+  above your slowest task and above every cache's ``lock_ttl``.
 
 The app consumes the default queue and the refresh queue (``oqron_cache.refresh``) without
 extra flags, sends task events (Flower shows refreshes) and accepts JSON only.
@@ -26,6 +29,9 @@ redis_url = os.environ.get("OQRON_REDIS_URL", "redis://127.0.0.1:6379/0")
 broker_url = os.environ.get("OQRON_BROKER_URL", redis_url)
 
 app = Celery("oqron_workers", broker=broker_url)
+_visibility = os.environ.get("OQRON_VISIBILITY_TIMEOUT")
+if _visibility:
+    app.conf.broker_transport_options = {"visibility_timeout": float(_visibility)}
 app.conf.update(
     task_serializer="json",
     accept_content=["json"],
