@@ -17,9 +17,9 @@ neither blocks Redis nor is loaded into memory at once.
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Any, cast
 
-from .entry import Entry, new_version, pack
+from .entry import FLAG_TOMBSTONE, Entry, new_version, pack
 from .keys import Glob
 from .tiers.redis import L2Unavailable
 
@@ -152,10 +152,10 @@ def invalidate_pattern(stack: CacheStack, glob: Glob, scan_count: int, batch: in
                     continue  # SCAN's pattern is a superset; the glob decides
                 pending.append(rkey)
                 if len(pending) >= batch:
-                    removed += l2.unlink(pending)
+                    removed += _unlink_values(l2, pending)
                     pending.clear()
             if pending:
-                removed += l2.unlink(pending)
+                removed += _unlink_values(l2, pending)
             l2.publish(stack._message("clear", []))
         except L2Unavailable:
             stack.stats.incr("l2_errors")
@@ -164,6 +164,16 @@ def invalidate_pattern(stack: CacheStack, glob: Glob, scan_count: int, batch: in
             if glob.matches(key):
                 stack.l1.discard(key)
     return removed
+
+
+def _unlink_values(l2: Any, keys: list[bytes]) -> int:
+    """UNLINK value keys; count the live entries among them (tombstones are not entries)."""
+    pipe = l2.conn.client.pipeline(transaction=False)
+    for key in keys:
+        pipe.getrange(key, 1, 1)  # the flags byte
+    flags = cast("list[bytes]", l2.conn.run(pipe.execute))
+    l2.unlink(keys)
+    return sum(1 for flag in flags if flag and not flag[0] & FLAG_TOMBSTONE)
 
 
 def evict_tags_from_l1(stack: CacheStack, tags: list[str]) -> None:

@@ -15,12 +15,13 @@ app's ``task_queues`` so a plain ``celery -A app worker`` consumes it. They are 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import queue
 import threading
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any
@@ -61,6 +62,10 @@ class BrokerUnavailable(OqronCacheError, ConnectionError):
     """The broker did not take a task within the enqueue budget (or its breaker is open)."""
 
 
+class InvalidationIncomplete(OqronCacheError, ConnectionError):
+    """Redis failed during an invalidation task: it is retried (the message is not lost)."""
+
+
 class TaskArgumentError(OqronCacheError, ValueError):
     """A task message carried arguments of the wrong type or size (it is dropped, logged)."""
 
@@ -93,6 +98,18 @@ def _guarded(task_name: str, body: Any, *args: Any) -> Any:
     return outcome
 
 
+@contextlib.contextmanager
+def _complete(cache: Any) -> Iterator[None]:
+    """Raise :class:`InvalidationIncomplete` if Redis failed during the block (so the task is
+    retried rather than acknowledged as done)."""
+    before = cache.stats.counts["l2_errors"]
+    yield
+    if cache.stats.counts["l2_errors"] != before:
+        raise InvalidationIncomplete(
+            f"Redis failed while invalidating in cache {cache.name!r}; retrying", cache=cache.name
+        )
+
+
 def do_refresh(cache_name: object, key: object, token: object, seen_version: object) -> str:
     """Body of ``oqron_cache.refresh``."""
     from .refresh import run_refresh
@@ -120,8 +137,9 @@ def do_invalidate(cache_name: object, keys: object) -> str:
     if not isinstance(keys, list) or len(keys) > MAX_KEYS_PER_TASK:
         raise TaskArgumentError(f"keys must be a list of at most {MAX_KEYS_PER_TASK} str")
     checked = [_text(k, "key", MAX_KEY_CHARS) for k in keys]
-    for key in checked:
-        cache.delete(key)
+    with _complete(cache):
+        for key in checked:
+            cache.delete(key)
     return f"deleted {len(checked)}"
 
 
@@ -130,7 +148,8 @@ def do_invalidate_pattern(cache_name: object, pattern: object) -> str:
     cache = _lookup(cache_name)
     text = _text(pattern, "pattern", 1024)
     try:
-        removed = cache.invalidate_pattern(text)
+        with _complete(cache):
+            removed = cache.invalidate_pattern(text)
     except ValueError as exc:
         raise TaskArgumentError(str(exc)) from None
     return f"deleted {removed}"
@@ -140,10 +159,8 @@ def do_invalidate_by_tag(cache_name: object, tag: object) -> str:
     """Body of ``oqron_cache.invalidate_by_tag``."""
     cache = _lookup(cache_name)
     text = _text(tag, "tag", 256)
-    try:
+    with _complete(cache):
         removed = cache.invalidate_by_tag(text)
-    except NotImplementedError as exc:
-        raise TaskArgumentError(str(exc)) from None
     return f"deleted {removed}"
 
 
@@ -169,6 +186,13 @@ def install(app: Any) -> dict[str, Any]:
             tasks[name] = app.tasks[name]
             continue
         options = dict(_TASK_OPTIONS)
+        if name != REFRESH_TASK:  # an invalidation must not be lost to a Redis outage
+            options.update(
+                autoretry_for=(InvalidationIncomplete,),
+                retry_backoff=True,
+                retry_backoff_max=60,
+                max_retries=20,
+            )
 
         def run(*args: Any, _name: str = name, _body: Any = body) -> Any:
             return _guarded(_name, _body, *args)
