@@ -26,6 +26,7 @@ from .errors import (
 )
 from .frontend import Cache, cache
 from .options import MemoryTier, RedisTier, Stampede
+from .write_through import WriteHandle, WriteThroughError, current_write_version
 
 __version__ = "0.1.0"
 
@@ -42,9 +43,12 @@ __all__ = [
     "SerializationError",
     "Stampede",
     "UnknownCacheError",
+    "WriteHandle",
+    "WriteThroughError",
     "__version__",
     "cache",
     "configure",
+    "current_write_version",
     "refreshing_cache",
     "reset",
 ]

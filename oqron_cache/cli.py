@@ -1,8 +1,9 @@
 """The ``oqron-cache`` command; ``python -m oqron_cache`` runs the same :func:`main`.
 
-Subcommands: ``demo`` (stampede protection shown with concurrent requests; see
-:mod:`oqron_cache.demo`) and ``version``. Exit codes: 0 on success, 1 when the command failed,
-2 for a usage error, 130 when interrupted.
+Subcommands: ``demo`` (stampede protection and background refresh by a real Celery worker,
+shown with concurrent requests; see :mod:`oqron_cache.demo`) and ``version``. Exit codes: 0 on
+success, 1 when the command failed, 2 for a usage error, 130 when interrupted (Ctrl-C or
+SIGTERM).
 """
 
 from __future__ import annotations
@@ -10,7 +11,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import signal
 import sys
+import threading
 from collections.abc import Callable, Sequence
 
 from . import __version__
@@ -19,16 +22,23 @@ from .errors import ConfigurationError
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 
 _DEMO_DESCRIPTION = """\
-Show stampede protection at work. Three phases, each a burst of concurrent get() calls from
-several threads in several processes on one key, with a resolver that sleeps 50 ms:
+Show stampede protection and background refresh at work. Three phases, each a burst of
+concurrent get() calls from several threads in several processes on one key, with a resolver
+that sleeps 50 ms:
 
   cold key     never cached: one caller runs the resolver, the callers in flight wait for it
   expired key  past ttl + stale_ttl: never served, loaded again once
-  stale key    past ttl, within stale_ttl: served at once, one background refresh
+  stale key    past ttl, within stale_ttl: served at once; one refresh task
+               (oqron_cache.refresh) is enqueued and a Celery worker runs the resolver
 
-It ends with a table of requests, resolver calls, stampedes prevented, stale values served,
-errors and latencies. If Redis does not answer, the demo says so and runs on the memory tier
-alone. Its keys live under the namespace demo-<pid> and are deleted at the end.
+The worker is real: with Redis, the demo starts `celery -A workers worker -l info` as a
+subprocess (its broker queues under the demo's namespace); with --external-worker it uses one
+that is already running (docker compose's); without Redis, it runs on the memory tier alone in
+one process, with a Celery worker thread on an in-memory broker. It shows the worker's refresh
+lines live and ends with a table of requests, resolver calls (and those in the worker),
+stampedes prevented, stale values served, refreshes enqueued and deduplicated, the
+refresh-to-visible latency, errors and latencies. Its keys live under the namespace
+demo-<pid> and are deleted at the end, also after Ctrl-C.
 """
 
 
@@ -60,7 +70,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
 
     demo = commands.add_parser(
         "demo",
-        help="show stampede protection: many concurrent requests, one resolver call",
+        help="show stampede protection and background refresh by a Celery worker",
         description=_DEMO_DESCRIPTION,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -88,6 +98,14 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
         metavar="N",
         help="threads per process, all started at the same instant; each sends its share of "
         "the requests one after the other (default: 25; 10 with --quick)",
+    )
+    demo.add_argument(
+        "--external-worker",
+        action="store_true",
+        help="do not start a worker: use one already running (celery -A workers worker with "
+        "OQRON_CACHE_MODULES=oqron_cache.demo_caches, as docker compose runs it) on the broker "
+        "$OQRON_BROKER_URL (default: the Redis URL), in the namespace $OQRON_NAMESPACE (default: "
+        "oqron); only the demo's own keys are deleted at the end",
     )
     demo.add_argument(
         "--quick",
@@ -140,5 +158,17 @@ def _demo(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     requests = args.requests or (200 if args.quick else 1000)
     processes = args.processes or (2 if args.quick else 4)
     threads = args.threads or (10 if args.quick else 25)
-    options = DemoOptions(args.redis_url, requests, processes, threads)
-    return run_demo(options)
+    options = DemoOptions(
+        args.redis_url, requests, processes, threads, external_worker=args.external_worker
+    )
+    if threading.current_thread() is not threading.main_thread():
+        return run_demo(options)
+    previous = signal.signal(signal.SIGTERM, _interrupt)  # `docker stop`, `kill`: clean up too
+    try:
+        return run_demo(options)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt

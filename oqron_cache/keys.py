@@ -173,6 +173,10 @@ class KeySpace:
         """The hash of write-through outcomes of the entry (field: version hex)."""
         return f"{self.prefix}{self.encoded(key)}}}:w"
 
+    def write_lock(self, key: str) -> str:
+        """The lock that serialises origin writes of the entry (write-through)."""
+        return f"{self.prefix}{self.encoded(key)}}}:wl"
+
     @property
     def cache_slot(self) -> str:
         """Prefix of the cache-wide keys (tag sets, invalidation log): hash tag ``{<cache>}``."""

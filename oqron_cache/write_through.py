@@ -19,7 +19,9 @@ Without a Celery app the same happens inline: origin first, then the cache.
 from __future__ import annotations
 
 import base64
+import contextvars
 import logging
+import secrets
 import time
 from typing import TYPE_CHECKING, Any, cast
 
@@ -37,6 +39,11 @@ WRITE_CACHE_TASK = "oqron_cache.write_cache"
 WRITE_QUEUE = "oqron_cache.write"
 MAX_RETRIES = 5
 OUTCOME_TTL_MS = 3600 * 1000
+ORIGIN_LOCK_MS = 30_000  # an origin write holds the key's write lock at most this long
+ORIGIN_LOCK_WAIT = 30.0
+_version: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "oqron_write_version", default=None
+)
 
 
 class WriteThroughError(OqronCacheError):
@@ -99,6 +106,9 @@ class WriteHandle:
                 waiters.unregister(stack.name, self.key, event)
         if status != "ok":
             raise WriteThroughError(f"write-through of {stack.name!r} {status}", cache=stack.name)
+        if stack.l1 is not None:
+            # Read-your-writes even if the bus message has not been handled yet.
+            stack.l1.discard(self.key)
 
     def _read(self) -> str | None:
         l2 = self.stack.l2
@@ -124,7 +134,11 @@ def start(stack: CacheStack, key: str, value: Any) -> WriteHandle:
     runtime = stack.runtime
     enqueuer = runtime.enqueuer if runtime is not None else None
     if enqueuer is None or stack.l2 is None:
-        write(key, value)  # the origin first; an error leaves the cache untouched
+        marker = _version.set(version.hex())
+        try:
+            write(key, value)  # the origin first; an error leaves the cache untouched
+        finally:
+            _version.reset(marker)
         stack.set(key, value)
         return WriteHandle(stack, key, version, done=True)
     from celery import chain
@@ -162,20 +176,44 @@ def _l2(stack: CacheStack) -> Any:
 def origin_link(
     task: Any, stack: CacheStack, key: str, payload_b64: str, version_hex: str, created_at: float
 ) -> list[Any] | None:
-    """Write the origin once per version; retry with backoff; record a final refusal."""
+    """Write the origin once per version, in write order; retry with backoff.
+
+    Origin writes of one key are serialised by a lock and skipped when a newer write already
+    reached the origin, so the origin and the cache end with the same (newest) value. The origin
+    function can read :func:`current_write_version` to deduplicate: a worker killed after the
+    origin accepted a write but before that was recorded makes the next worker write it again
+    (at-least-once at that one boundary).
+    """
     l2 = _l2(stack)
     outcomes = l2.keys.writes(key)
-    done = cast("bytes | None", l2.conn.run(l2.conn.client.hget, outcomes, version_hex))
     forward = [stack.name, key, payload_b64, version_hex, created_at]
-    if done in (b"origin", b"ok"):
-        return forward  # a redelivered link: the origin already has this write
+    token = secrets.token_hex(16)
+    lock_keys = [outcomes, l2.keys.write_lock(key)]
+    deadline = time.monotonic() + ORIGIN_LOCK_WAIT
+    while True:
+        state = l2.conn.run(
+            l2.conn.origin_begin_script,
+            keys=lock_keys,
+            args=[token, ORIGIN_LOCK_MS, version_hex, repr(created_at), OUTCOME_TTL_MS],
+        )
+        state = state.decode() if isinstance(state, bytes) else str(state)
+        if state == "done":
+            return forward  # a redelivered link: the origin already has this write
+        if state == "superseded":
+            _announce(stack, key)
+            return None  # a newer write is in the origin (and will be in the cache)
+        if state == "go" or time.monotonic() > deadline:
+            break  # past the deadline the holder is presumed dead (its lock expires too)
+        time.sleep(0.01)
     value = stack.codec.decode(base64.b64decode(payload_b64))
     write = stack.opts.write_through
     if write is None:
         raise OqronCacheError(f"cache {stack.name!r} has no write_through", cache=stack.name)
+    marker = _version.set(version_hex)
     try:
         write(key, value)
     except Exception as exc:
+        l2.conn.run(l2.conn.release_script, keys=[l2.keys.write_lock(key)], args=[token])
         retries = int(task.request.retries or 0)
         if retries < MAX_RETRIES:
             raise task.retry(exc=exc, countdown=backoff(retries)) from exc
@@ -190,14 +228,32 @@ def origin_link(
         pipe = l2.conn.client.pipeline(transaction=False)
         pipe.hset(outcomes, version_hex, reason)
         pipe.pexpire(outcomes, OUTCOME_TTL_MS)
-        pipe.publish(l2.channel, stack._message("evict", [key]))
         l2.conn.run(pipe.execute)
+        _announce(stack, key)
         return None
-    pipe = l2.conn.client.pipeline(transaction=False)
-    pipe.hset(outcomes, version_hex, "origin")
-    pipe.pexpire(outcomes, OUTCOME_TTL_MS)
-    l2.conn.run(pipe.execute)
+    finally:
+        _version.reset(marker)
+    l2.conn.run(
+        l2.conn.origin_done_script,
+        keys=lock_keys,
+        args=[token, version_hex, repr(created_at), OUTCOME_TTL_MS],
+    )
     return forward
+
+
+def _announce(stack: CacheStack, key: str) -> None:
+    """Wake the set() waiting for this key (its outcome is recorded)."""
+    l2 = _l2(stack)
+    l2.conn.run(l2.conn.client.publish, l2.channel, stack._message("evict", [key]))
+
+
+def current_write_version() -> str | None:
+    """Inside a ``write_through`` function: the hex version of the write being applied.
+
+    Use it to make the origin write idempotent (e.g. ``INSERT ... ON CONFLICT DO NOTHING`` on
+    the version): a link redelivered after a crash may call the function again.
+    """
+    return _version.get()
 
 
 def cache_link(
@@ -231,6 +287,8 @@ def cache_link(
         OUTCOME_TTL_MS,
     ]
     written = l2.conn.run(l2.conn.put_if_newer_script, keys=keys, args=args)
+    if stack.l1 is not None:
+        stack.l1.discard(key)  # the bus message is ours, so our own L1 would not hear it
     if written and entry.tags:
         from .stack import NEVER
 

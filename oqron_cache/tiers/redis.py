@@ -227,6 +227,53 @@ return 0
 """
 
 
+# KEYS[1] - the entry's write-through outcomes (hash; field "hw" = newest created_at written)
+# KEYS[2] - the entry's origin-write lock
+# ARGV[1] - the link's lock token
+# ARGV[2] - lock TTL, ms
+# ARGV[3] - the write's version hex
+# ARGV[4] - the write's created_at
+# ARGV[5] - how long outcomes are kept, ms
+# Before an origin write: 'done' (already written: a redelivery), 'superseded' (a newer write
+# reached the origin first; recorded as ok), 'go' (lock taken: write now) or 'wait'.
+_ORIGIN_BEGIN = """
+local state = redis.call('HGET', KEYS[1], ARGV[3])
+if state == 'origin' or state == 'ok' then
+  return 'done'
+end
+local hw = tonumber(redis.call('HGET', KEYS[1], 'hw') or '-1')
+if hw > tonumber(ARGV[4]) then
+  redis.call('HSET', KEYS[1], ARGV[3], 'ok')
+  redis.call('PEXPIRE', KEYS[1], ARGV[5])
+  return 'superseded'
+end
+if redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then
+  return 'go'
+end
+return 'wait'
+"""
+
+# KEYS[1] - the entry's write-through outcomes
+# KEYS[2] - the entry's origin-write lock
+# ARGV[1] - the link's lock token
+# ARGV[2] - the write's version hex
+# ARGV[3] - the write's created_at
+# ARGV[4] - how long outcomes are kept, ms
+# After an origin write: record it (and the high-water mark), release the lock.
+_ORIGIN_DONE = """
+redis.call('HSET', KEYS[1], ARGV[2], 'origin')
+local hw = tonumber(redis.call('HGET', KEYS[1], 'hw') or '-1')
+if tonumber(ARGV[3]) > hw then
+  redis.call('HSET', KEYS[1], 'hw', ARGV[3])
+end
+redis.call('PEXPIRE', KEYS[1], ARGV[4])
+if redis.call('GET', KEYS[2]) == ARGV[1] then
+  redis.call('DEL', KEYS[2])
+end
+return 1
+"""
+
+
 def _ms(seconds: float) -> int:
     return max(1, int(seconds * 1000))
 
@@ -255,6 +302,8 @@ class RedisConn:
         self.record_script = client.register_script(_RECORD)
         self.drop_script = client.register_script(_DROP_IF_VERSION)
         self.put_if_newer_script = client.register_script(_PUT_IF_NEWER)
+        self.origin_begin_script = client.register_script(_ORIGIN_BEGIN)
+        self.origin_done_script = client.register_script(_ORIGIN_DONE)
 
     def run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Call ``fn`` through the breaker; raise :class:`L2Unavailable` on any Redis failure.
