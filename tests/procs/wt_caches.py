@@ -46,8 +46,8 @@ from typing import Any
 import redis
 
 import oqron_cache
-from oqron_cache.write_through import current_write_version
 from oqron_cache import MemoryTier, RedisTier
+from oqron_cache.write_through import current_write_version
 
 MAIN = "wtc_main"  # every test of the chain
 BLOCK_LIMIT = 60.0
