@@ -13,6 +13,7 @@ import gc
 import math
 import os
 import platform
+import random
 import re
 import secrets
 import subprocess
@@ -137,6 +138,57 @@ def measure(cases: Mapping[str, Loop], *, inner: int, reps: int, warmup: int) ->
     for _ in range(reps):
         for name, loop in cases.items():
             timings[name].per_op_ns.append(time_once(loop, inner))
+    return timings
+
+
+OneRep = Callable[[], float]  # one repetition of a case: prepares (untimed), times, returns ns/op
+
+
+def timed_loop(prepare: Callable[[], Callable[[], object]], inner: int) -> OneRep:
+    """A case whose repetition times one loop of ``inner`` calls.
+
+    ``prepare()`` (untimed) does what must happen before the loop (pick fresh keys, wait for
+    background work) and returns the loop to time.
+    """
+    clock = time.perf_counter_ns
+
+    def one() -> float:
+        loop = prepare()
+        start = clock()
+        loop()
+        return (clock() - start) / inner
+
+    return one
+
+
+def measure_each(
+    cases: Mapping[str, OneRep], *, reps: int, warmup: int, collect_every: int = 20
+) -> dict[str, Timing]:
+    """Run every case ``reps`` times (after ``warmup``), interleaved; each case times itself.
+
+    For cases that need an untimed step before each repetition (new keys, an idle background
+    thread): see :func:`timed_loop`. Each repetition runs the cases in a new random order
+    (seeded: the same from run to run), so no case always follows the same one. The garbage
+    collector is off for the whole measurement and run between repetitions every
+    ``collect_every`` (untimed).
+    """
+    timings = {name: Timing(name) for name in cases}
+    order = list(cases.items())
+    shuffler = random.Random(0)
+    gc_was_on = gc.isenabled()
+    gc.disable()
+    try:
+        for rep in range(warmup + reps):
+            if rep % collect_every == 0:
+                gc.collect()
+            shuffler.shuffle(order)
+            for name, one in order:
+                ns = one()
+                if rep >= warmup:
+                    timings[name].per_op_ns.append(ns)
+    finally:
+        if gc_was_on:
+            gc.enable()
     return timings
 
 
@@ -332,8 +384,10 @@ def write_results(
     """Rewrite ``path``: a header (commit, date, machine), every target, then every section.
 
     ``info`` is :func:`machine_info` taken before the runs (so the load average is the
-    machine's, not the benchmarks' own); taken now if not given.
+    machine's, not the benchmarks' own); taken now if not given. Sections of benchmarks that
+    were not part of this run are kept as they were, after this run's, with their own date.
     """
+    kept = _other_sections(path, {r.key for r in reports})
     commit = git_commit()
     stamp = now_utc()
     info = info if info is not None else machine_info(url)
@@ -351,7 +405,7 @@ def write_results(
     if note:
         lines += [f"> {note}", ""]
     lines += [
-        f"## Targets (issue 2): {passed} of {len(checks)} pass",
+        f"## Targets (issues 2 and 3): {passed} of {len(checks)} pass",
         "",
         markdown_table(
             ["benchmark", "target", "measured", "result"],
@@ -361,8 +415,27 @@ def write_results(
     ]
     for report in reports:  # the machine is described once, in the header
         lines += [render_section(report, {}, f"{stamp} at commit {commit}"), ""]
+    if kept:
+        lines += [
+            "## Earlier runs",
+            "",
+            "Benchmarks not part of the run above, as their last run left them (each section "
+            "gives its own date, commit and machine).",
+            "",
+        ]
+        lines += [section + "\n" for section in kept]
     path.write_text("\n".join(lines))
     print(f"wrote {path}")
+
+
+_SECTION = re.compile(r"<!-- bench:(\w+) -->.*?<!-- /bench:\1 -->", re.DOTALL)
+
+
+def _other_sections(path: Path, keys: set[str]) -> list[str]:
+    """The sections of ``path`` whose benchmark is not in ``keys`` (verbatim, in order)."""
+    if not path.exists():
+        return []
+    return [m.group(0) for m in _SECTION.finditer(path.read_text()) if m.group(1) not in keys]
 
 
 def sample_value(user_id: str = "u1") -> dict[str, object]:

@@ -54,7 +54,7 @@ def decode_message(data: bytes) -> tuple[str, str, str, list[str]] | None:
     if not (
         isinstance(origin, str)
         and isinstance(cache, str)
-        and op in ("fill", "evict", "clear", "tag")
+        and op in ("fill", "evict", "clear", "tag", "pattern")
         and isinstance(keys, list)
         and len(keys) <= MAX_KEYS_PER_MESSAGE
         and all(isinstance(k, str) for k in keys)

@@ -118,6 +118,9 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
         help="print the installed version",
         description="Print the version of oqron-cache.",
     )
+    from .admin import add_commands
+
+    add_commands(commands)  # stats, invalidate, inspect
     return parser, {"demo": demo, "version": version}
 
 
@@ -135,6 +138,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "version":
             print(f"oqron-cache {__version__}")
             return 0
+        if args.command != "demo":
+            code: int = args.func(args)
+            return code
         return _demo(args, commands["demo"])
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -124,7 +124,9 @@ def configure(
     from .runtime import Runtime
 
     global _runtime
+    # redis_url="" means "no Redis" even when $OQRON_REDIS_URL is set.
     url = redis_url if redis_url is not None else os.environ.get("OQRON_REDIS_URL") or None
+    url = url or None
     if url is not None:
         validate_redis_url(url)
     ns = validate_namespace(

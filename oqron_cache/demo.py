@@ -727,7 +727,7 @@ def _run(options: DemoOptions, plan: Plan, say: _Printer) -> tuple[list[Totals],
         "instant, each sending its share one after the other. The resolver sleeps "
         f"{RESOLVER_SECONDS * 1000:.0f} ms"
         + (" and counts its calls in Redis." if url else ".")
-        + (" Stale values are refreshed by a Celery worker." if plan.broker else "")
+        + (" Stale values are refreshed by a Celery worker." if plan.broker and url else "")
     )
     say(textwrap.fill(header, WIDTH))
     celery = {"broker": plan.broker, "prefix": plan.prefix} if plan.broker and url else None
@@ -820,6 +820,8 @@ def _phase(
         totals.add(helper.reply(REPLY_TIMEOUT))
     if phase.name == "stale":
         totals.in_worker = participant.resolver.calls[worker_field(phase.key)]
+        # The refresh may finish after the callers reported: its call counts all the same.
+        totals.calls = max(totals.calls, totals.in_worker)
     counted_after = _redis_counts(participant, phase.key)
     if counted_before is not None and counted_after is not None:
         # The counts Redis saw, across processes and the worker, unless Redis lost increments

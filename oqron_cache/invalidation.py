@@ -134,6 +134,7 @@ def invalidate_tag(stack: CacheStack, tag: str) -> int:
             l2.publish(stack._message("tag", [tag]))
         except L2Unavailable:
             stack.stats.incr("l2_errors")
+    stack.epoch += 1
     evict_tags_from_l1(stack, [tag])
     return removed
 
@@ -156,24 +157,33 @@ def invalidate_pattern(stack: CacheStack, glob: Glob, scan_count: int, batch: in
                     pending.clear()
             if pending:
                 removed += _unlink_values(l2, pending)
-            l2.publish(stack._message("clear", []))
+            l2.publish(stack._message("pattern", [glob.pattern]))
         except L2Unavailable:
             stack.stats.incr("l2_errors")
-    if stack.l1 is not None:
-        for key in stack.l1.keys():  # noqa: SIM118 - a locked snapshot, not a dict
-            if glob.matches(key):
-                stack.l1.discard(key)
+    stack.epoch += 1
+    evict_patterns_from_l1(stack, [glob.pattern])
     return removed
 
 
 def _unlink_values(l2: Any, keys: list[bytes]) -> int:
     """UNLINK value keys; count the live entries among them (tombstones are not entries)."""
+    keys = list(dict.fromkeys(keys))  # SCAN may return a key twice
     pipe = l2.conn.client.pipeline(transaction=False)
     for key in keys:
         pipe.getrange(key, 1, 1)  # the flags byte
     flags = cast("list[bytes]", l2.conn.run(pipe.execute))
     l2.unlink(keys)
     return sum(1 for flag in flags if flag and not flag[0] & FLAG_TOMBSTONE)
+
+
+def evict_patterns_from_l1(stack: CacheStack, patterns: list[str]) -> None:
+    """Drop this process's L1 copies whose key matches any of ``patterns``."""
+    if stack.l1 is None:
+        return
+    globs = [Glob(p) for p in patterns]
+    for key in stack.l1.keys():  # noqa: SIM118 - a locked snapshot, not a dict
+        if any(g.matches(key) for g in globs):
+            stack.l1.discard(key)
 
 
 def evict_tags_from_l1(stack: CacheStack, tags: list[str]) -> None:

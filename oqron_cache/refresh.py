@@ -151,21 +151,38 @@ def _refreshed(stack: CacheStack, found: Found, seen: bytes, early: bool) -> boo
     return not early or found.seen != seen
 
 
+def _in_process_worker(stack: CacheStack) -> bool:
+    """Is the configured Celery app's worker necessarily in this process (memory broker)?"""
+    runtime = stack.runtime
+    if runtime is None or runtime.enqueuer is None:
+        return False
+    return str(runtime.enqueuer.app.conf.broker_url or "").startswith("memory://")
+
+
 def plan_refresh(stack: CacheStack, key: str, seen: bytes, early: bool = False) -> str:
     """Refresh ``key`` unless someone else is or did; return the outcome (for tests and logs)."""
     if stack.opts.resolver is None:
         return "no-resolver"
     found = stack._read_l2(key)
     if found is not None and found.entry is not None and _refreshed(stack, found, seen, early):
-        stack._put_l1(key, found.entry)  # another process already refreshed it
+        stack._put_l1(key, found.entry, found.epoch)  # another process already refreshed it
         stack.stats.incr("refreshes_deduplicated")
         return "already-fresh"
     if found is None or stack.l2 is None:
         # No L2 (memory-only, or Redis unavailable): nothing to coordinate with; this
         # process's own dispatcher deduplicates its requests.
         stack.stats.incr("refreshes_enqueued")
+        if stack.l2 is None and _in_process_worker(stack):
+            # A memory-only cache with an in-memory broker (its worker shares this process and
+            # so this L1): the resolver runs in the worker, as with any Celery app.
+            enqueuer = stack.runtime.enqueuer  # type: ignore[union-attr]
+            if enqueuer is not None and enqueuer.enqueue(
+                stack.name, key, "", seen, stack.opts.stampede.lock_ttl
+            ):
+                return "enqueued"
         return run_refresh(stack, key, "", seen, checked=True)
     token = secrets.token_hex(16)
+    epoch = stack.epoch
     try:
         won, raw, redis_now = stack.l2.acquire_or_read(key, token, stack.opts.stampede.lock_ttl)
     except L2Unavailable:
@@ -175,10 +192,10 @@ def plan_refresh(stack: CacheStack, key: str, seen: bytes, early: bool = False) 
     if not won:
         stack.stats.incr("refreshes_deduplicated")
         return "locked"
-    found = stack._parse(key, raw, recheck=True)
+    found = stack._parse(key, raw, True, epoch)
     if found.entry is not None and _refreshed(stack, found, seen, early):
         stack._release(key, token)
-        stack._put_l1(key, found.entry)
+        stack._put_l1(key, found.entry, found.epoch)
         stack.stats.incr("refreshes_deduplicated")
         return "already-fresh"
     stack.stats.incr("refreshes_enqueued")
@@ -218,7 +235,7 @@ def run_refresh(
             if token:
                 stack._release(key, token)
             if found.entry is not None and stack.clock() < found.entry.fresh_until:
-                stack._put_l1(key, found.entry)
+                stack._put_l1(key, found.entry, found.epoch)
             stack.stats.incr("refreshes_deduplicated")
             return "superseded"
     started = time.perf_counter()

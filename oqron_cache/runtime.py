@@ -190,8 +190,7 @@ class Runtime:
     def flush_l1(self) -> None:
         """Drop every L1 entry of every cache (the bus was lost or came back)."""
         for stack in list(self.stacks.values()):
-            if stack.l1 is not None:
-                stack.l1.clear()
+            stack.flush_l1()
 
     def close(self) -> None:
         """Stop the bus and the dispatcher, close connections."""
@@ -202,6 +201,8 @@ class Runtime:
             with contextlib.suppress(Exception):  # closing is best effort
                 self.bus.client.close()
         self.dispatcher.stop()
+        if self.enqueuer is not None:
+            self.enqueuer.close()
         if self.client is not None:
             with contextlib.suppress(Exception):  # closing is best effort
                 self.client.close()

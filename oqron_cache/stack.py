@@ -44,11 +44,12 @@ WAIT_SLICE = 0.2  # a lost pub/sub message costs a waiter at most this long (saf
 class Found:
     """What a read of L2 found: the entry (if any usable), and the version a writer must see."""
 
-    __slots__ = ("entry", "seen")
+    __slots__ = ("entry", "epoch", "seen")
 
-    def __init__(self, entry: Entry | None, seen: bytes) -> None:
+    def __init__(self, entry: Entry | None, seen: bytes, epoch: int = -1) -> None:
         self.entry = entry
         self.seen = seen
+        self.epoch = epoch  # the stack's L1 epoch before the read (see CacheStack._put_l1)
 
 
 class CacheStack:
@@ -77,6 +78,7 @@ class CacheStack:
         self._l1_data = l1.data if l1 is not None else None
         self._l1_lock = l1.lock if l1 is not None else None
         self.owner: Any = None  # the Cache this stack serves (set by Runtime.bind)
+        self.epoch = 0  # bumped by every L1 eviction from outside; see _put_l1
         self._swr = opts.stampede.stale_while_revalidate
         self._sliding = opts.strategy == "sliding"
         l1_ttl = opts.l1_ttl
@@ -181,11 +183,11 @@ class CacheStack:
                     )
                 if self._sliding:
                     entry = self._slide(key, entry, now)
-                self._put_l1(key, entry)
+                self._put_l1(key, entry, found.epoch)
                 return entry.value, False
             if action is Action.SERVE_AND_REFRESH:
                 self.stats.incr("stale_served")
-                self._put_l1(key, entry)
+                self._put_l1(key, entry, found.epoch)
                 self._request_refresh(key, entry.version)
                 return entry.value, False
             if now < entry.stale_until:
@@ -210,29 +212,33 @@ class CacheStack:
         if self.l2 is None:
             return None
         started = time.perf_counter()
+        epoch = self.epoch
         try:
             raw = self.l2.read(key)
         except L2Unavailable:
             self.stats.incr("l2_errors")
             return None
-        found = self._parse(key, raw, recheck)
+        found = self._parse(key, raw, recheck, epoch)
         self.stats.observe("redis", time.perf_counter() - started)
         return found
 
-    def _parse(self, key: str, raw: bytes | None, recheck: bool) -> Found:
-        """Decode an envelope read from L2 (``None``: absent). Corrupt data is a miss."""
+    def _parse(self, key: str, raw: bytes | None, recheck: bool, epoch: int) -> Found:
+        """Decode an envelope read from L2 (``None``: absent). Corrupt data is a miss.
+
+        ``epoch`` is the L1 epoch taken before the read.
+        """
         if raw is None:
-            return Found(None, NO_VERSION)
+            return Found(None, NO_VERSION, epoch)
         try:
             entry, codec_id, payload = unpack(raw)
             if entry.tombstone:
-                return Found(None, entry.version)
+                return Found(None, entry.version, epoch)
             if codec_id != self.codec.codec_id:
                 raise Corrupt(f"codec id {codec_id}")
             entry.value = self.codec.decode(payload)
         except (Corrupt, ValueError, TypeError) as exc:
             if recheck:
-                return Found(None, raw[2:10])
+                return Found(None, raw[2:10], epoch)
             self.stats.incr("corrupt")
             log.warning(
                 "cache %s: unreadable L2 entry for %s treated as a miss (%s)",
@@ -240,8 +246,8 @@ class CacheStack:
                 printable(key),
                 exc,
             )
-            return Found(None, raw[2:10])
-        return Found(entry, entry.version)
+            return Found(None, raw[2:10], epoch)
+        return Found(entry, entry.version, epoch)
 
     def _slide(self, key: str, entry: Entry, now: float) -> Entry:
         """Sliding strategy: push the entry's freshness forward in L2 (best effort)."""
@@ -295,21 +301,22 @@ class CacheStack:
                 if found.entry is not None and self.clock() < found.entry.fresh_until:
                     if waited:
                         self.stats.incr("stampede_prevented")
-                    self._put_l1(key, found.entry)
+                    self._put_l1(key, found.entry, found.epoch)
                     return found.entry.value
                 # One round trip: try the lock and read the entry again (a holder may have
                 # filled it since our read; if so we must not load it a second time).
                 token = secrets.token_hex(16)
+                epoch = self.epoch
                 try:
                     won, raw, redis_now = self.l2.acquire_or_read(key, token, lock_ttl)
                 except L2Unavailable:
                     self.stats.incr("l2_errors")
                     return self._compute(key, resolver, NO_VERSION, "", fallback)
-                found = self._parse(key, raw, recheck=True)
+                found = self._parse(key, raw, True, epoch)
                 if won:
                     if found.entry is not None and self.clock() < found.entry.fresh_until:
                         self._release(key, token)
-                        self._put_l1(key, found.entry)
+                        self._put_l1(key, found.entry, found.epoch)
                         return found.entry.value
                     if not self._load_in_worker(key, resolver, token, found.seen):
                         return self._compute(key, resolver, found.seen, token, fallback, redis_now)
@@ -467,6 +474,7 @@ class CacheStack:
             if token:
                 self._release(key, token)
             return False
+        epoch = self.epoch
         if self.l2 is not None:
             message = self._message("fill", [key])
             try:
@@ -482,7 +490,7 @@ class CacheStack:
                     return False
                 if started_us is not None and not after_fill(self, key, entry, started_us):
                     return False  # a pattern/tag invalidation raced the load: withdrawn
-        self._put_l1(key, entry)
+        self._put_l1(key, entry, epoch)
         return True
 
     def set(self, key: str, value: Any) -> None:
@@ -533,8 +541,15 @@ class CacheStack:
 
     # ------------------------------------------------------------------ helpers
 
-    def _put_l1(self, key: str, entry: Entry) -> None:
+    def _put_l1(self, key: str, entry: Entry, epoch: int | None = None) -> None:
+        """Keep ``entry`` in L1, unless an eviction arrived since ``epoch`` was taken.
+
+        Without that check a read in flight could put back a value that an invalidation
+        (handled while the read was waiting for Redis) has just removed.
+        """
         if self.l1 is None or not self._l1_writable():
+            return
+        if epoch is not None and epoch != self.epoch:
             return
         now = self.clock()
         l1_until = (
@@ -578,10 +593,13 @@ class CacheStack:
         if now < early_from:
             return
         beta = self.opts.early_refresh or 0.0
-        if now - delta * beta * math.log(1.0 - random.random()) >= fresh_until:  # noqa: S311
+        draw = now - delta * beta * math.log(1.0 - random.random())  # noqa: S311
+        if (
+            draw >= fresh_until
+            and self.runtime is not None
+            and self.runtime.dispatcher.submit(self, key, version, early=True)
+        ):
             self.stats.incr("early_refreshes")
-            if self.runtime is not None:
-                self.runtime.dispatcher.submit(self, key, version, early=True)
 
     def _l1_writable(self) -> bool:
         # L1 is coherent only while the bus is listening; with Redis wholly down nobody can
@@ -611,11 +629,22 @@ class CacheStack:
         """A bus message for this cache: drop the L1 copies another process made obsolete."""
         if self.l1 is None or from_self:
             return
+        self.epoch += 1  # reads in flight must not put back what this message removes
         if op == "clear":
             self.l1.clear()
         elif op == "tag":
             from .invalidation import evict_tags_from_l1
 
             evict_tags_from_l1(self, keys)
+        elif op == "pattern":
+            from .invalidation import evict_patterns_from_l1
+
+            evict_patterns_from_l1(self, keys)
         else:
             self.l1.discard_many(keys)
+
+    def flush_l1(self) -> None:
+        """Drop every L1 copy (the bus was lost or came back)."""
+        self.epoch += 1
+        if self.l1 is not None:
+            self.l1.clear()

@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import inspect
 import logging
 import queue
+import secrets
 import threading
 import warnings
 from collections.abc import Callable, Iterator
@@ -71,7 +73,18 @@ class TaskArgumentError(OqronCacheError, ValueError):
 
 
 def refresh_task_id(cache: str, key: str) -> str:
-    """The readable, deterministic id of a key's refresh task: ``refresh:<cache>:<digest>``."""
+    """The readable id of a key's refresh task: ``refresh:<cache>:<key digest>:<nonce>``.
+
+    The ``refresh:<cache>:<key digest>`` part is deterministic (search Flower for a key's
+    refreshes by it). The nonce is not optional: a worker that receives an expired message adds
+    its id to its revoked set for hours (and mingle shares that set), so a fully deterministic id
+    would make one expired refresh discard every later refresh of the key.
+    """
+    return f"{refresh_task_prefix(cache, key)}:{secrets.token_hex(4)}"
+
+
+def refresh_task_prefix(cache: str, key: str) -> str:
+    """The deterministic part of a key's refresh task ids: ``refresh:<cache>:<key digest>``."""
     digest = hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()[:16]
     return f"refresh:{cache}:{digest}"
 
@@ -175,7 +188,7 @@ def install(app: Any) -> dict[str, Any]:
 
     check_celery_app(app)
     tasks: dict[str, Any] = {}
-    bodies = {
+    bodies: dict[str, Callable[..., Any]] = {
         REFRESH_TASK: do_refresh,
         INVALIDATE_TASK: do_invalidate,
         INVALIDATE_PATTERN_TASK: do_invalidate_pattern,
@@ -194,11 +207,7 @@ def install(app: Any) -> dict[str, Any]:
                 max_retries=20,
             )
 
-        def run(*args: Any, _name: str = name, _body: Any = body) -> Any:
-            return _guarded(_name, _body, *args)
-
-        run.__name__ = run.__qualname__ = name.rsplit(".", 1)[1]
-        tasks[name] = app.task(name=name, **options)(run)
+        tasks[name] = app.task(name=name, **options)(_task_function(name, body))
     _install_write_through(app, tasks)
     conf = app.conf
     default = conf.task_default_queue
@@ -224,6 +233,22 @@ def install(app: Any) -> dict[str, Any]:
     conf.task_send_sent_event = True
     _connect_fork_hook()
     return tasks
+
+
+def _task_function(name: str, body: Callable[..., Any]) -> Callable[..., Any]:
+    """A task function for ``body``: positional JSON arguments only (no keyword can reach the
+    library's own parameters); a wrong number of arguments is rejected and logged."""
+
+    def run(*args: Any) -> Any:
+        try:
+            inspect.signature(body).bind(*args)
+        except TypeError as exc:
+            log.error("%s rejected: %s", name, exc)
+            return "rejected"
+        return _guarded(name, body, *args)
+
+    run.__name__ = run.__qualname__ = name.rsplit(".", 1)[1]
+    return run
 
 
 def _install_write_through(app: Any, tasks: dict[str, Any]) -> None:
@@ -347,9 +372,10 @@ class Enqueuer:
         self.app = app
         self.budget = budget
         self.breaker = CircuitBreaker(cooldown=1.0, max_cooldown=30.0)
-        self._jobs: queue.Queue[tuple[Callable[[], object], Future[None]]] = queue.Queue(100)
+        self._jobs: queue.Queue[tuple[Callable[[], object], Future[None]] | None] = queue.Queue(100)
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
+        self._closed = False
 
     def enqueue(self, cache: str, key: str, token: str, seen: bytes, lock_ttl: float) -> bool:
         """Send ``oqron_cache.refresh`` for ``key``; False if the broker did not take it."""
@@ -398,8 +424,20 @@ class Enqueuer:
             raise BrokerUnavailable(f"broker refused: {type(exc).__name__}") from exc
         self.breaker.success()
 
+    def close(self) -> None:
+        """Stop the publisher thread (configure() again, reset(), shutdown)."""
+        with self._lock:
+            self._closed = True
+            thread, self._thread = self._thread, None
+        if thread is not None:
+            with contextlib.suppress(queue.Full):
+                self._jobs.put_nowait(None)
+            thread.join(timeout=1.0)
+
     def _ensure_thread(self) -> None:
         with self._lock:
+            if self._closed:
+                raise BrokerUnavailable("enqueuer closed")
             if self._thread is None:
                 self._thread = threading.Thread(
                     target=self._publish_loop, name="oqron-enqueue", daemon=True
@@ -408,7 +446,10 @@ class Enqueuer:
 
     def _publish_loop(self) -> None:
         while True:
-            send, future = self._jobs.get()
+            job = self._jobs.get()
+            if job is None:
+                return
+            send, future = job
             if not future.set_running_or_notify_cancel():
                 continue
             try:

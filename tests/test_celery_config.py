@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -11,7 +12,13 @@ from celery import Celery
 
 import oqron_cache
 from oqron_cache.config import reset
-from oqron_cache.tasks import REFRESH_QUEUE, REFRESH_TASK, install, refresh_task_id
+from oqron_cache.tasks import (
+    REFRESH_QUEUE,
+    REFRESH_TASK,
+    install,
+    refresh_task_id,
+    refresh_task_prefix,
+)
 from tests.redis_server import RedisServer
 
 
@@ -51,17 +58,22 @@ def test_install_registers_the_tasks_with_their_delivery_guarantees() -> None:
     ):
         assert app.tasks[name].acks_late is True
     queues = {q.name: q for q in app.conf.task_queues}
-    assert set(queues) == {"celery", REFRESH_QUEUE}
+    assert set(queues) == {"celery", REFRESH_QUEUE, "oqron_cache.write"}
     assert queues[REFRESH_QUEUE].routing_key == REFRESH_QUEUE  # not the default queue's key
     assert app.conf.worker_send_task_events is True
     assert app.conf.task_send_sent_event is True
 
 
-def test_refresh_task_id_is_readable_and_deterministic() -> None:
-    first = refresh_task_id("users", "u1")
-    assert first == refresh_task_id("users", "u1")
-    assert first.startswith("refresh:users:")
-    assert first != refresh_task_id("users", "u2")
+def test_refresh_task_id_is_readable_deterministic_per_key_and_unique_per_send() -> None:
+    prefix = refresh_task_prefix("users", "u1")
+    assert prefix == refresh_task_prefix("users", "u1")
+    assert prefix.startswith("refresh:users:")
+    assert prefix != refresh_task_prefix("users", "u2")
+    first, second = refresh_task_id("users", "u1"), refresh_task_id("users", "u1")
+    # A nonce: an expired message's id is revoked by the worker for hours; a reused id would
+    # make every later refresh of the key be discarded.
+    assert first != second
+    assert re.fullmatch(re.escape(prefix) + r":[0-9a-f]{8}", first)
 
 
 def test_visibility_timeout_shorter_than_lock_ttl_warns(
