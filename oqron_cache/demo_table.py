@@ -171,8 +171,9 @@ def _notes(results: list[Totals], *, shared: bool, worker: dict[str, Any]) -> li
     )
     stale_note = (
         f"stale key    past ttl ({TTL:.0f} s), within stale_ttl ({STALE_TTL:.0f} s): every "
-        f"caller got the stale value at once. {ran}; the other {deduplicated} refresh requests "
-        f"were merged or lost the lock (deduplicated); {visible}."
+        f"caller got the stale value at once. {ran}; {deduplicated} other refresh requests "
+        f"were merged or lost the lock (deduplicated), and the rest did not ask again (the "
+        f"refresh was already requested); {visible}."
     )
     if not stale.first_stale:
         stale_note = (

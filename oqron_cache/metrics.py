@@ -65,7 +65,7 @@ BUCKETS = (
 )
 
 
-def _count_value(counter: itertools.count[int]) -> int:
+def count_value(counter: itertools.count[int]) -> int:
     # The next value an itertools.count would return, without consuming it.
     return int(repr(counter)[6:-1])
 
@@ -76,6 +76,7 @@ class Stats:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self.gets = itertools.count()
+        self.stale_fast = itertools.count()  # stale L1 hits whose refresh was already requested
         self.counts: dict[str, int] = dict.fromkeys(COUNTERS, 0)
         # tier -> [total seconds, samples]
         self.latency: dict[str, list[float]] = {tier: [0.0, 0] for tier in TIERS}
@@ -116,7 +117,8 @@ class Stats:
             for tier, (total, n) in self.latency.items():
                 out[f"lat_{tier}_s"] = total
                 out[f"lat_{tier}_n"] = n
-        out["gets"] = _count_value(self.gets)
+        out["gets"] = count_value(self.gets)
+        out["stale_served"] += count_value(self.stale_fast)
         return out
 
     def snapshot(self, evictions: int | None = None) -> dict[str, Any]:

@@ -1,22 +1,25 @@
 """The refresh dispatcher: a bounded queue of stale keys, drained by background threads.
 
 A reader that finds a stale value returns it at once and calls :meth:`Dispatcher.submit`, which
-never blocks and never touches Redis or the broker. Requests for a key already pending in this
-process are merged; when the queue is full the oldest request is dropped (and counted): a dropped
-request is harmless, the next stale read asks again. A key whose refresh failed is not retried by
-this process until its throttle passes.
+never blocks and never touches Redis or the broker: it costs a dictionary ``setdefault`` and a
+``SimpleQueue.put`` (both atomic in CPython, no Python-level lock). Requests for a key already
+pending in this process are merged; when the queue is full the request is dropped (and counted):
+a dropped request is harmless, the next stale read asks again. A key whose refresh is under way
+elsewhere, or failed, is not asked for again by this process until its throttle passes.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
+import queue
 import secrets
 import threading
 import time
-from collections import deque
 from typing import TYPE_CHECKING
 
 from .keys import printable
+from .metrics import count_value
 from .tiers.redis import L2Unavailable
 
 if TYPE_CHECKING:
@@ -26,114 +29,109 @@ log = logging.getLogger("oqron_cache.refresh")
 
 
 _THROTTLED = frozenset({"enqueued", "locked", "failed", "error"})
+Job = tuple["CacheStack", str, bytes, bool]
 
 
 class Dispatcher:
     """Per-process refresh queue with ``threads`` drainers (started on first use)."""
 
     def __init__(self, max_queue: int = 10_000, threads: int = 2) -> None:
-        self._queue: deque[tuple[CacheStack, str, bytes, bool]] = deque()
+        self._queue: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
         self._max = max_queue
         self._threads_wanted = threads
         self._threads: list[threading.Thread] = []
-        self._cond = threading.Condition()
-        self._pending: set[tuple[str, str]] = set()
+        self._start_lock = threading.Lock()
+        self._pending: dict[tuple[str, str], object] = {}
         self._throttle: dict[tuple[str, str], float] = {}
+        self._submitted = itertools.count()
+        self._finished = itertools.count()
         self._stopped = False
-        self._busy = 0
 
     def submit(self, stack: CacheStack, key: str, seen: bytes, early: bool = False) -> bool:
-        """Ask for a background refresh of ``key``; False if merged with a pending one.
+        """Ask for a background refresh of ``key``; False if merged, throttled or dropped.
 
         ``early`` asks to refresh an entry that is still fresh (probabilistic early refresh).
         """
         ident = (stack.name, key)
-        with self._cond:
-            if ident in self._pending or self._stopped:
-                stack.stats.incr("refreshes_deduplicated")
-                return False
-            until = self._throttle.get(ident)
-            if until is not None:
-                if time.monotonic() < until:
-                    stack.stats.incr("refreshes_deduplicated")
-                    return False
-                del self._throttle[ident]
-            if len(self._queue) >= self._max:
-                old_stack, old_key, _, _ = self._queue.popleft()
-                self._pending.discard((old_stack.name, old_key))
-                old_stack.stats.incr("refreshes_dropped")
-            self._pending.add(ident)
-            self._queue.append((stack, key, seen, early))
-            if not self._threads:
-                self._start()
-            self._cond.notify()
+        until = self._throttle.get(ident)
+        if until is not None and time.monotonic() < until:
+            stack.stats.incr("refreshes_deduplicated")
+            return False
+        marker = object()
+        if self._stopped or self._pending.setdefault(ident, marker) is not marker:
+            stack.stats.incr("refreshes_deduplicated")
+            return False
+        if self._queue.qsize() >= self._max:
+            self._pending.pop(ident, None)
+            stack.stats.incr("refreshes_dropped")
+            return False
+        next(self._submitted)
+        self._queue.put((stack, key, seen, early))
+        if not self._threads:
+            self._start()
         return True
 
     def _start(self) -> None:
-        for index in range(self._threads_wanted):
-            thread = threading.Thread(
-                target=self._drain, name=f"oqron-refresh-{index}", daemon=True
-            )
-            thread.start()
-            self._threads.append(thread)
+        with self._start_lock:
+            if self._threads or self._stopped:
+                return
+            for index in range(self._threads_wanted):
+                thread = threading.Thread(
+                    target=self._drain, name=f"oqron-refresh-{index}", daemon=True
+                )
+                thread.start()
+                self._threads.append(thread)
 
     def _drain(self) -> None:
         while True:
-            with self._cond:
-                while not self._queue and not self._stopped:
-                    self._cond.wait()
-                if self._stopped:
-                    return
-                stack, key, seen, early = self._queue.popleft()
-                self._busy += 1
+            job = self._queue.get()
+            if job is None or self._stopped:
+                return
+            stack, key, seen, early = job
             outcome = "error"
             try:
                 outcome = plan_refresh(stack, key, seen, early)
             except Exception:
                 log.exception("cache %s: refresh crashed", stack.name)
             finally:
-                with self._cond:
-                    ident = (stack.name, key)
-                    self._pending.discard(ident)
-                    if outcome in _THROTTLED:
-                        # Someone holds the key's lock (a worker refreshing it, or a failed
-                        # refresh's throttle): asking again before it expires only costs
-                        # Redis round trips. A fill message evicts the stale copy sooner.
-                        self._throttle[ident] = time.monotonic() + stack.opts.stampede.lock_ttl
-                        if len(self._throttle) > self._max:
-                            self._prune()
-                    self._busy -= 1
-                    self._cond.notify_all()
+                ident = (stack.name, key)
+                if outcome in _THROTTLED:
+                    # Someone holds the key's lock (a worker refreshing it, or a failed
+                    # refresh's throttle): asking again before it expires only costs Redis
+                    # round trips. A fill message evicts the stale copy sooner.
+                    self._throttle[ident] = time.monotonic() + stack.opts.stampede.lock_ttl
+                    if len(self._throttle) > self._max:
+                        self._prune()
+                self._pending.pop(ident, None)
+                next(self._finished)
 
     def _prune(self) -> None:
-        """Forget expired throttles (called with the lock held; bounds the map's size)."""
+        """Forget expired throttles (bounds the map's size)."""
         now = time.monotonic()
-        for ident in [i for i, until in self._throttle.items() if until <= now]:
-            del self._throttle[ident]
+        for ident, until in list(self._throttle.items()):
+            if until <= now:
+                self._throttle.pop(ident, None)
         while len(self._throttle) > self._max:  # all live: drop the oldest
-            del self._throttle[next(iter(self._throttle))]
+            self._throttle.pop(next(iter(self._throttle)), None)
 
     def join(self, timeout: float = 5.0) -> bool:
-        """Wait until the queue is empty and no refresh runs (tests and shutdown)."""
+        """Wait until every submitted refresh has finished (tests and shutdown)."""
         deadline = time.monotonic() + timeout
-        with self._cond:
-            while self._queue or self._busy:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    return False
-                self._cond.wait(remaining)
+        while count_value(self._finished) < count_value(self._submitted):
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.001)
         return True
 
     def stop(self) -> None:
         """Stop the drainer threads; pending requests are dropped."""
-        with self._cond:
-            self._stopped = True
-            self._queue.clear()
-            self._pending.clear()
-            self._cond.notify_all()
+        self._stopped = True
+        for _ in self._threads:
+            self._queue.put(None)
         for thread in self._threads:
             thread.join(timeout=2)
         self._threads.clear()
+        self._pending.clear()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -163,14 +161,9 @@ def plan_refresh(stack: CacheStack, key: str, seen: bytes, early: bool = False) 
     """Refresh ``key`` unless someone else is or did; return the outcome (for tests and logs)."""
     if stack.opts.resolver is None:
         return "no-resolver"
-    found = stack._read_l2(key)
-    if found is not None and found.entry is not None and _refreshed(stack, found, seen, early):
-        stack._put_l1(key, found.entry, found.epoch)  # another process already refreshed it
-        stack.stats.incr("refreshes_deduplicated")
-        return "already-fresh"
-    if found is None or stack.l2 is None:
-        # No L2 (memory-only, or Redis unavailable): nothing to coordinate with; this
-        # process's own dispatcher deduplicates its requests.
+    if stack.l2 is None:
+        # No L2 (memory-only): nothing to coordinate with; this process's own dispatcher
+        # deduplicates its requests.
         stack.stats.incr("refreshes_enqueued")
         if stack.l2 is None and _in_process_worker(stack):
             # A memory-only cache with an in-memory broker (its worker shares this process and
@@ -181,6 +174,7 @@ def plan_refresh(stack: CacheStack, key: str, seen: bytes, early: bool = False) 
             ):
                 return "enqueued"
         return run_refresh(stack, key, "", seen, checked=True)
+    # One round trip: take the key's lock and read the entry (someone may have refreshed it).
     token = secrets.token_hex(16)
     epoch = stack.epoch
     try:
@@ -189,15 +183,16 @@ def plan_refresh(stack: CacheStack, key: str, seen: bytes, early: bool = False) 
         stack.stats.incr("l2_errors")
         stack.stats.incr("refreshes_enqueued")
         return run_refresh(stack, key, "", seen, checked=True)
+    found = stack._parse(key, raw, True, epoch)
+    if found.entry is not None and _refreshed(stack, found, seen, early):
+        if won:
+            stack._release(key, token)
+        stack._put_l1(key, found.entry, found.epoch)  # another process already refreshed it
+        stack.stats.incr("refreshes_deduplicated")
+        return "already-fresh"
     if not won:
         stack.stats.incr("refreshes_deduplicated")
         return "locked"
-    found = stack._parse(key, raw, True, epoch)
-    if found.entry is not None and _refreshed(stack, found, seen, early):
-        stack._release(key, token)
-        stack._put_l1(key, found.entry, found.epoch)
-        stack.stats.incr("refreshes_deduplicated")
-        return "already-fresh"
     stack.stats.incr("refreshes_enqueued")
     enqueuer = stack.runtime.enqueuer if stack.runtime is not None else None
     if enqueuer is not None:

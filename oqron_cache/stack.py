@@ -75,6 +75,7 @@ class CacheStack:
         self.clock = clock
         self.flights = Flights()
         self._gets = stats.gets
+        self._stale_fast = stats.stale_fast
         self._l1_data = l1.data if l1 is not None else None
         self._l1_lock = l1.lock if l1 is not None else None
         self.owner: Any = None  # the Cache this stack serves (set by Runtime.bind)
@@ -116,6 +117,10 @@ class CacheStack:
                     if sample:
                         self.stats.observe("memory", time.perf_counter() - started)
                     return item.value
+                if now < item.stale_until and time.monotonic() < item.refresh_after:
+                    # Stale, and its refresh is already requested: serve it, nothing else to do.
+                    next(self._stale_fast)
+                    return item.value
         return self._read_below(key, item, resolver, default)
 
     def _read_below(
@@ -128,7 +133,10 @@ class CacheStack:
             action = decide(item.fresh_until, item.stale_until, now, self._can_swr(resolver))
             if action is Action.SERVE_AND_REFRESH:
                 self.stats.incr("stale_served")
-                self._request_refresh(key, item.version)
+                if self._request_refresh(key, item.version):
+                    # Later stale reads of this copy take the hot path until the refresh is
+                    # due again (the dispatcher throttles the key as long).
+                    item.refresh_after = time.monotonic() + self.opts.stampede.lock_ttl
                 return item.value
             if action is Action.SERVE:  # fresh, but this process's copy is due for a look below
                 fallback = item.value
@@ -619,9 +627,11 @@ class CacheStack:
         origin = self.runtime.bus.origin if self.runtime and self.runtime.bus else "-"
         return encode_message(origin, self.name, op, keys)
 
-    def _request_refresh(self, key: str, seen: bytes) -> None:
-        if self.runtime is not None:
-            self.runtime.dispatcher.submit(self, key, seen)
+    def _request_refresh(self, key: str, seen: bytes) -> bool:
+        """Hand a refresh to the dispatcher; True if it was taken (not merged or throttled)."""
+        if self.runtime is None:
+            return False
+        return self.runtime.dispatcher.submit(self, key, seen)
 
     # ------------------------------------------------------------------ bus and refresh
 

@@ -359,7 +359,9 @@ def test_resolver_failing_in_background_refresh_keeps_stale_value(
     assert len(source.calls) == 2
     assert stats["refresh_failures"] == 1
     assert stats["refreshes_succeeded"] == 0
-    assert stats["refreshes_deduplicated"] >= 5
+    # Every read got the stale value; the five after the first did not even ask again (this
+    # copy's refresh was requested and is throttled for lock_ttl).
+    assert stats["stale_served"] == 6
 
 
 def test_resolver_failing_on_a_stale_load_without_swr_falls_back_to_stale(

@@ -24,6 +24,7 @@ class L1Item:
         "early_from",
         "fresh_until",
         "l1_until",
+        "refresh_after",
         "stale_until",
         "tags",
         "value",
@@ -49,6 +50,8 @@ class L1Item:
         self.early_from = early_from  # probabilistic early refresh may start here (inf: never)
         self.delta = delta  # seconds the resolver took for this value
         self.tags = tags
+        # Stale and this process already asked for its refresh: until then, serve it at once.
+        self.refresh_after = 0.0
 
 
 class _CountingLRU(LRUCache[str, L1Item]):
