@@ -23,8 +23,9 @@ Four reads per library and tier:
   goes on, competing with it for the GIL, the CPU and Redis. oqron runs without a Celery app
   here, so its dispatcher threads run the refresh themselves (resolver and writes): the most a
   refresh can cost the process; with Celery they only take the lock and publish the task;
-* *repeated stale read*: a key whose refresh is under way (oqron: merged by the dispatcher's
-  per-key throttle; dogpile: the key's mutex is held; cashews: the early lock is held).
+* *repeated stale read*: a key whose refresh is under way (oqron: served from the L1 hit path,
+  since this process already requested the refresh, or else merged by the dispatcher's per-key
+  throttle; dogpile: the key's mutex is held; cashews: the early lock is held).
 
 A repetition times a loop of ``inner`` reads; before each loop every background refresh of the
 previous one has finished (untimed), so oqron's dispatcher threads are idle and the loop's first
@@ -235,10 +236,12 @@ class Oqron:
             served = after["stale_served"] - before["stale_served"]
             submitted = after["refreshes_enqueued"] - before["refreshes_enqueued"]
             merged = after["refreshes_deduplicated"] - before["refreshes_deduplicated"]
-            if (served, submitted, merged) != (firsts + repeated, firsts, repeated):
+            # A repeated read is served from the hit path (its refresh is already requested),
+            # or merged by the dispatcher: never a second refresh.
+            if (served, submitted) != (firsts + repeated, firsts) or merged > repeated:
                 problems.append(
                     f"oqron {tier}: {served} stale served, {submitted} refreshes started, "
-                    f"{merged} merged; expected {firsts + repeated}, {firsts}, {repeated}"
+                    f"{merged} merged; expected {firsts + repeated}, {firsts}, <= {repeated}"
                 )
             fresh = self.fresh[tier].get_stats(local=True)
             if fresh["stale_served"] or fresh["misses"] or fresh["refreshes_enqueued"]:
@@ -646,12 +649,12 @@ def report(timings: dict[str, Timing], reps: int, warmup: int, inner: int) -> Re
             "here, so its dispatcher threads run the whole refresh (resolver and writes, ~4 "
             "Redis round trips per key): the most a refresh can cost the process; with Celery "
             "they take the lock and publish the task.",
-            "- *repeated stale read*: a key whose refresh is under way (oqron: merged by the "
-            "dispatcher's per-key throttle; dogpile: its mutex held; cashews: its early lock "
-            "held).",
+            "- *repeated stale read*: a key whose refresh is under way (oqron: served from the "
+            "L1 hit path, its refresh being already requested, or merged by the dispatcher's "
+            "per-key throttle; dogpile: its mutex held; cashews: its early lock held).",
             "",
             "Checked afterwards from the stats: every timed oqron stale read was served stale, "
-            "each first one started exactly one refresh, each repeated one was merged; "
+            "each first one started exactly one refresh, no repeated one started another; "
             "dogpile started one runner thread and cashews one recompute per first read.",
             "",
             markdown_table(headers, rows),

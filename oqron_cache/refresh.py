@@ -41,7 +41,7 @@ class Dispatcher:
         self._threads_wanted = threads
         self._threads: list[threading.Thread] = []
         self._start_lock = threading.Lock()
-        self._pending: dict[tuple[str, str], object] = {}
+        self._pending: dict[tuple[str, str], bool] = {}
         self._throttle: dict[tuple[str, str], float] = {}
         self._submitted = itertools.count()
         self._finished = itertools.count()
@@ -57,10 +57,12 @@ class Dispatcher:
         if until is not None and time.monotonic() < until:
             stack.stats.incr("refreshes_deduplicated")
             return False
-        marker = object()
-        if self._stopped or self._pending.setdefault(ident, marker) is not marker:
+        # Check-then-set, not atomic: two threads may both pass, and then the key's Redis lock
+        # deduplicates them (one refresh). A lock here would cost every stale read.
+        if self._stopped or ident in self._pending:
             stack.stats.incr("refreshes_deduplicated")
             return False
+        self._pending[ident] = True
         if self._queue.qsize() >= self._max:
             self._pending.pop(ident, None)
             stack.stats.incr("refreshes_dropped")

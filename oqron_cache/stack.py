@@ -75,6 +75,10 @@ class CacheStack:
         self.clock = clock
         self.flights = Flights()
         self._gets = stats.gets
+        # The resolver whose stale values are served while refreshed (None: no SWR).
+        self._swr_resolver = opts.resolver if opts.stampede.stale_while_revalidate else None
+        self._lock_ttl = opts.stampede.lock_ttl
+        self._submit = runtime.dispatcher.submit if runtime is not None else None
         self._stale_fast = stats.stale_fast
         self._l1_data = l1.data if l1 is not None else None
         self._l1_lock = l1.lock if l1 is not None else None
@@ -117,8 +121,19 @@ class CacheStack:
                     if sample:
                         self.stats.observe("memory", time.perf_counter() - started)
                     return item.value
-                if now < item.stale_until and time.monotonic() < item.refresh_after:
-                    # Stale, and its refresh is already requested: serve it, nothing else to do.
+                if (
+                    item.fresh_until <= now < item.stale_until
+                    and resolver is self._swr_resolver is not None
+                ):
+                    # Stale, within stale_ttl, refreshable in the background: serve it now and
+                    # make sure a refresh is requested (the rule of entry.decide, inlined).
+                    mono = time.monotonic()
+                    if (
+                        mono >= item.refresh_after
+                        and self._submit is not None
+                        and self._submit(self, key, item.version)
+                    ):
+                        item.refresh_after = mono + self._lock_ttl
                     next(self._stale_fast)
                     return item.value
         return self._read_below(key, item, resolver, default)
