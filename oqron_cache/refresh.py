@@ -29,7 +29,7 @@ log = logging.getLogger("oqron_cache.refresh")
 
 
 _THROTTLED = frozenset({"enqueued", "locked", "failed", "error"})
-Job = tuple["CacheStack", str, bytes, bool]
+Job = tuple["CacheStack", str, bytes, bool, bool]  # stack, key, seen, early, checked
 
 
 class Dispatcher:
@@ -41,6 +41,7 @@ class Dispatcher:
         self._threads_wanted = threads
         self._threads: list[threading.Thread] = []
         self._start_lock = threading.Lock()
+        self._admit_lock = threading.Lock()
         self._pending: dict[tuple[str, str], bool] = {}
         self._throttle: dict[tuple[str, str], float] = {}
         self._submitted = itertools.count()
@@ -68,9 +69,36 @@ class Dispatcher:
             stack.stats.incr("refreshes_dropped")
             return False
         next(self._submitted)
-        self._queue.put((stack, key, seen, early))
+        self._queue.put((stack, key, seen, early, True))
         if not self._threads:
             self._start()
+        return True
+
+    def post(self, stack: CacheStack, key: str, seen: bytes) -> bool:
+        """The hot path's :meth:`submit`: only a queue put; the drainer merges and throttles.
+
+        For a stale L1 copy, which asks once per ``lock_ttl`` (``L1Item.refresh_after``).
+        """
+        if self._stopped or self._queue.qsize() >= self._max:
+            stack.stats.incr("refreshes_dropped")
+            return False
+        next(self._submitted)
+        self._queue.put((stack, key, seen, False, False))
+        if not self._threads:
+            self._start()
+        return True
+
+    def _admit(self, stack: CacheStack, ident: tuple[str, str]) -> bool:
+        """A posted job: is it due (not already pending)? Marks it pending if so.
+
+        No throttle check: posts are already limited to one per ``lock_ttl`` per L1 copy, and
+        a throttle started after the post would push the next attempt to twice ``lock_ttl``.
+        """
+        with self._admit_lock:
+            if ident in self._pending:
+                stack.stats.incr("refreshes_deduplicated")
+                return False
+            self._pending[ident] = True
         return True
 
     def _start(self) -> None:
@@ -89,7 +117,10 @@ class Dispatcher:
             job = self._queue.get()
             if job is None or self._stopped:
                 return
-            stack, key, seen, early = job
+            stack, key, seen, early, checked = job
+            if not checked and not self._admit(stack, (stack.name, key)):
+                next(self._finished)
+                continue
             outcome = "error"
             try:
                 outcome = plan_refresh(stack, key, seen, early)

@@ -78,7 +78,7 @@ class CacheStack:
         # The resolver whose stale values are served while refreshed (None: no SWR).
         self._swr_resolver = opts.resolver if opts.stampede.stale_while_revalidate else None
         self._lock_ttl = opts.stampede.lock_ttl
-        self._submit = runtime.dispatcher.submit if runtime is not None else None
+        self._submit = runtime.dispatcher.post if runtime is not None else None
         self._stale_fast = stats.stale_fast
         self._l1_data = l1.data if l1 is not None else None
         self._l1_lock = l1.lock if l1 is not None else None
