@@ -36,6 +36,7 @@ import redis
 
 from oqron_cache.entry import Entry, new_version, pack, unpack
 from oqron_cache.keys import KeySpace
+from oqron_cache.metrics import view
 from oqron_cache.serializers import get_codec
 from oqron_cache.tasks import refresh_task_prefix
 from tests.procs import ROOT, Child
@@ -427,6 +428,23 @@ def test_expired_key_four_processes_one_refresh_in_the_worker(
         assert r["poll_value"] == {"gen": "new", "n": 1}
         assert r["poll_errors"] == []
     assert l2_entry(redis_client, namespace, rc.SWR, key).value == {"gen": "new", "n": 1}
+
+    # Cluster-wide stats (DESIGN section 6): the web processes' counters and the worker's add
+    # up in Redis. The resolver ran only in the worker, and is counted there.
+    web_gets = sum(r["stats"]["gets"] for r in results)
+    stats_key = f"oqron:{namespace}:stats:{rc.SWR}"
+    deadline = time.monotonic() + 5  # every process flushes at least once a second
+    while True:
+        raw = {k.decode(): float(v) for k, v in redis_client.hgetall(stats_key).items()}
+        total = view(raw)
+        if total["refreshes_succeeded"] == 1 and total["gets"] >= web_gets:
+            break
+        assert time.monotonic() < deadline, f"cluster stats never added up: {total}"
+        time.sleep(0.05)
+    assert total["resolver_calls"] == 1  # counted in the worker process
+    assert total["refreshes_enqueued"] == 1
+    assert total["stale_served"] >= PROCESSES * THREADS
+    assert total["avg_latency_ms"]["resolver"] >= SWR_SLEEP * 1000  # timed in the worker
 
     t_first = min(r["t_go"] for r in results)
     visible = [r["poll_t"] for r in results]
