@@ -119,6 +119,8 @@ class AdminError(Exception):
 
 
 def _bounded_int(low: int, high: int) -> Callable[[str], int]:
+    """An argparse ``type=`` accepting whole numbers from ``low`` to ``high``."""
+
     def parse(text: str) -> int:
         try:
             value = int(text)

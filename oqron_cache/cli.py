@@ -14,9 +14,10 @@ import os
 import signal
 import sys
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 from . import __version__
+from .admin import _bounded_int
 from .errors import ConfigurationError
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
@@ -40,21 +41,6 @@ stampedes prevented, stale values served, refreshes enqueued and deduplicated, t
 refresh-to-visible latency, errors and latencies. Its keys live under the namespace
 demo-<pid> and are deleted at the end, also after Ctrl-C.
 """
-
-
-def _bounded_int(low: int, high: int) -> Callable[[str], int]:
-    """An argparse ``type=`` accepting whole numbers from ``low`` to ``high``."""
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-        if not low <= value <= high:
-            raise argparse.ArgumentTypeError(f"{value} is not in {low}..{high}")
-        return value
-
-    return parse
 
 
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:

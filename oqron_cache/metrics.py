@@ -28,7 +28,7 @@ COUNTERS = (
     "refreshes_succeeded",
     "refresh_failures",
     "early_refreshes",  # probabilistic early refreshes requested (XFetch)
-    "refreshes_dropped",  # the refresh queue was full: oldest request dropped
+    "refreshes_dropped",  # the refresh queue was full: the request was dropped
     "enqueue_failures",  # refresh tasks the broker did not take in time (run here instead)
     "l2_errors",  # Redis calls that failed (down, slow, OOM, read-only)
     "l2_write_conflicts",  # fills refused because a newer write or invalidation won (P5)
