@@ -238,7 +238,7 @@ def report(
         tasks = [r.worker_outcomes for r in rs]
         p99 = median([r.p99 for r in rs])
         errors = sum(r.errors for r in rs)
-        settled = all(r.settled_ms is not None for r in rs)
+        all_settled = all(r.settled_ms is not None for r in rs)
         checks = [
             Check(
                 "expired stampede: exactly 1 resolver call per run",
@@ -258,8 +258,8 @@ def report(
             Check("expired stampede: zero errors", str(errors), errors == 0),
             Check(
                 "expired stampede: every process sees the new value afterwards",
-                "yes" if settled else "no",
-                settled,
+                "yes" if all_settled else "no",
+                all_settled,
             ),
         ]
     runs = len(next(iter(results.values())))

@@ -246,7 +246,7 @@ def live_entries(admin: redis.Redis, cache: Any, pattern: str) -> int:
 
 def latency_ms(admin: redis.Redis) -> tuple[int, str]:
     """The slowest event since the last ``LATENCY RESET``: (ms, its name); (0, "") if none."""
-    latest = admin.execute_command("LATENCY", "LATEST")
+    latest: list[list[Any]] = admin.latency_latest()  # type: ignore[assignment]  # sync client
     worst = max(latest, key=lambda event: int(event[3]), default=None)
     if worst is None:
         return 0, ""
@@ -314,7 +314,7 @@ def one_oqron(
     for first, second in holders.call("load", gone + kept):
         assert (first, second) == (len(gone) + len(kept), 0), (first, second)
     holders.call("arm", gone, kept)
-    admin.execute_command("LATENCY", "RESET")
+    admin.latency_reset()
     probe.call("start")
     time.sleep(0.02)
     published.clear()
@@ -384,7 +384,7 @@ async def one_cashews(size: int, admin: redis.Redis, url: str, probe: Pool) -> R
             await cw.set_add(f"_tag:{TAG}", *keys, expire=600)
         assert admin.scard(f"_tag:{TAG}") == size
         assert cashews_entries(admin) == size
-        admin.execute_command("LATENCY", "RESET")
+        admin.latency_reset()
         probe.call("start")
         await asyncio.sleep(0.02)
         started = time.monotonic()

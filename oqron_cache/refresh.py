@@ -1,25 +1,26 @@
 """The refresh dispatcher: a bounded queue of stale keys, drained by background threads.
 
-A reader that finds a stale value returns it at once and calls :meth:`Dispatcher.submit`, which
-never blocks and never touches Redis or the broker: it costs a dictionary ``setdefault`` and a
-``SimpleQueue.put`` (both atomic in CPython, no Python-level lock). Requests for a key already
-pending in this process are merged; when the queue is full the request is dropped (and counted):
-a dropped request is harmless, the next stale read asks again. A key whose refresh is under way
+A reader that finds a stale value returns it at once and hands the key over without blocking
+and without touching Redis or the broker. A stale L1 copy does it from the hit path with a bare
+``SimpleQueue.put`` (at most once per ``lock_ttl`` per copy; the drainer merges keys already
+pending); every other caller uses :meth:`Dispatcher.submit`, which merges at once and honours
+the key's throttle. When the queue is full the request is dropped (and counted): a dropped
+request is harmless, the next stale read asks again. A key whose refresh is under way
 elsewhere, or failed, is not asked for again by this process until its throttle passes.
 """
 
 from __future__ import annotations
 
-import itertools
+import contextlib
 import logging
 import queue
 import secrets
 import threading
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from .keys import printable
-from .metrics import count_value
 from .tiers.redis import L2Unavailable
 
 if TYPE_CHECKING:
@@ -33,19 +34,23 @@ Job = tuple["CacheStack", str, bytes, bool, bool]  # stack, key, seen, early, ch
 
 
 class Dispatcher:
-    """Per-process refresh queue with ``threads`` drainers (started on first use)."""
+    """Per-process refresh queue with ``threads`` drainers.
+
+    Two ways in: :meth:`submit` (merges a key already pending, honours the key's throttle) and
+    the hot path's bare queue put (see :meth:`start`), which a stale L1 copy makes at most once
+    per ``lock_ttl``; the drainer merges those.
+    """
 
     def __init__(self, max_queue: int = 10_000, threads: int = 2) -> None:
-        self._queue: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
-        self._max = max_queue
+        self._queue: queue.SimpleQueue[Job | threading.Barrier | None] = queue.SimpleQueue()
+        self.max_queue = max_queue
         self._threads_wanted = threads
         self._threads: list[threading.Thread] = []
         self._start_lock = threading.Lock()
         self._admit_lock = threading.Lock()
+        self._join_lock = threading.Lock()
         self._pending: dict[tuple[str, str], bool] = {}
         self._throttle: dict[tuple[str, str], float] = {}
-        self._submitted = itertools.count()
-        self._finished = itertools.count()
         self._stopped = False
 
     def submit(self, stack: CacheStack, key: str, seen: bytes, early: bool = False) -> bool:
@@ -64,29 +69,31 @@ class Dispatcher:
             stack.stats.incr("refreshes_deduplicated")
             return False
         self._pending[ident] = True
-        if self._queue.qsize() >= self._max:
+        if self._queue.qsize() >= self.max_queue:
             self._pending.pop(ident, None)
             stack.stats.incr("refreshes_dropped")
             return False
-        next(self._submitted)
         self._queue.put((stack, key, seen, early, True))
         if not self._threads:
-            self._start()
+            self.start()
         return True
 
-    def post(self, stack: CacheStack, key: str, seen: bytes) -> bool:
-        """The hot path's :meth:`submit`: only a queue put; the drainer merges and throttles.
+    def start(self) -> tuple[Callable[[Job], None], Callable[[], int]]:
+        """Start the drainers (once); return the queue's ``put`` and ``qsize`` for the hot path.
 
-        For a stale L1 copy, which asks once per ``lock_ttl`` (``L1Item.refresh_after``).
+        A stale L1 read hands its key over with ``put((stack, key, seen, False, False))`` when
+        ``qsize() < max_queue``, and nothing else: no call into this object, no lock, no
+        counter. A function call would cost as much as the whole rest of the read.
         """
-        if self._stopped or self._queue.qsize() >= self._max:
-            stack.stats.incr("refreshes_dropped")
-            return False
-        next(self._submitted)
-        self._queue.put((stack, key, seen, False, False))
-        if not self._threads:
-            self._start()
-        return True
+        with self._start_lock:
+            if not self._threads and not self._stopped:
+                for index in range(self._threads_wanted):
+                    thread = threading.Thread(
+                        target=self._drain, name=f"oqron-refresh-{index}", daemon=True
+                    )
+                    thread.start()
+                    self._threads.append(thread)
+        return self._queue.put, self._queue.qsize
 
     def _admit(self, stack: CacheStack, ident: tuple[str, str]) -> bool:
         """A posted job: is it due (not already pending)? Marks it pending if so.
@@ -101,25 +108,17 @@ class Dispatcher:
             self._pending[ident] = True
         return True
 
-    def _start(self) -> None:
-        with self._start_lock:
-            if self._threads or self._stopped:
-                return
-            for index in range(self._threads_wanted):
-                thread = threading.Thread(
-                    target=self._drain, name=f"oqron-refresh-{index}", daemon=True
-                )
-                thread.start()
-                self._threads.append(thread)
-
     def _drain(self) -> None:
         while True:
             job = self._queue.get()
             if job is None or self._stopped:
                 return
+            if isinstance(job, threading.Barrier):  # join(): every earlier job is done
+                with contextlib.suppress(threading.BrokenBarrierError):
+                    job.wait()
+                continue
             stack, key, seen, early, checked = job
             if not checked and not self._admit(stack, (stack.name, key)):
-                next(self._finished)
                 continue
             outcome = "error"
             try:
@@ -133,10 +132,9 @@ class Dispatcher:
                     # refresh's throttle): asking again before it expires only costs Redis
                     # round trips. A fill message evicts the stale copy sooner.
                     self._throttle[ident] = time.monotonic() + stack.opts.stampede.lock_ttl
-                    if len(self._throttle) > self._max:
+                    if len(self._throttle) > self.max_queue:
                         self._prune()
                 self._pending.pop(ident, None)
-                next(self._finished)
 
     def _prune(self) -> None:
         """Forget expired throttles (bounds the map's size)."""
@@ -144,17 +142,36 @@ class Dispatcher:
         for ident, until in list(self._throttle.items()):
             if until <= now:
                 self._throttle.pop(ident, None)
-        while len(self._throttle) > self._max:  # all live: drop the oldest
+        while len(self._throttle) > self.max_queue:  # all live: drop the oldest
             self._throttle.pop(next(iter(self._throttle)), None)
 
     def join(self, timeout: float = 5.0) -> bool:
-        """Wait until every submitted refresh has finished (tests and shutdown)."""
+        """Wait until every refresh requested before this call has finished (tests, shutdown).
+
+        Puts one barrier per drainer at the back of the queue: a drainer that takes one has
+        finished its earlier jobs and waits there, so when every drainer holds one, everything
+        queued before them is done. Joins are serialised (two would each hold half the drainers).
+        """
         deadline = time.monotonic() + timeout
-        while count_value(self._finished) < count_value(self._submitted):
-            if time.monotonic() >= deadline:
+        if not self._join_lock.acquire(timeout=timeout):
+            return False
+        try:
+            with self._start_lock:
+                drainers = len(self._threads)
+            if self._stopped:
+                return True  # nothing more runs
+            if drainers == 0:
+                return self._queue.empty()
+            barrier = threading.Barrier(drainers + 1)
+            for _ in range(drainers):
+                self._queue.put(barrier)
+            try:
+                barrier.wait(max(0.0, deadline - time.monotonic()))
+            except threading.BrokenBarrierError:  # timed out: the drainers go on
                 return False
-            time.sleep(0.001)
-        return True
+            return True
+        finally:
+            self._join_lock.release()
 
     def stop(self) -> None:
         """Stop the drainer threads; pending requests are dropped."""

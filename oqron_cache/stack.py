@@ -29,6 +29,7 @@ from .tiers.memory import L1Item, MemoryStore
 from .tiers.redis import L2Unavailable, RedisStore
 
 if TYPE_CHECKING:
+    from .refresh import Job
     from .runtime import Runtime
 
 log = logging.getLogger("oqron_cache")
@@ -78,7 +79,13 @@ class CacheStack:
         # The resolver whose stale values are served while refreshed (None: no SWR).
         self._swr_resolver = opts.resolver if opts.stampede.stale_while_revalidate else None
         self._lock_ttl = opts.stampede.lock_ttl
-        self._submit = runtime.dispatcher.post if runtime is not None else None
+        # The stale hit path's hand-over to the dispatcher: its queue's put and size.
+        self._post: Callable[[Job], None] | None = None
+        self._queued: Callable[[], int] = int
+        self._max_queued = 0
+        if runtime is not None and self._swr_resolver is not None:
+            self._post, self._queued = runtime.dispatcher.start()
+            self._max_queued = runtime.dispatcher.max_queue
         self._stale_fast = stats.stale_fast
         self._l1_data = l1.data if l1 is not None else None
         self._l1_lock = l1.lock if l1 is not None else None
@@ -127,13 +134,14 @@ class CacheStack:
                 ):
                     # Stale, within stale_ttl, refreshable in the background: serve it now and
                     # make sure a refresh is requested (the rule of entry.decide, inlined).
+                    # At most once per lock_ttl (real time, as the key's Redis lock) per copy.
                     mono = time.monotonic()
-                    if (
-                        mono >= item.refresh_after
-                        and self._submit is not None
-                        and self._submit(self, key, item.version)
-                    ):
-                        item.refresh_after = mono + self._lock_ttl
+                    if mono >= item.refresh_after and self._post is not None:
+                        if self._queued() < self._max_queued:
+                            self._post((self, key, item.version, False, False))
+                            item.refresh_after = mono + self._lock_ttl
+                        else:
+                            self.stats.incr("refreshes_dropped")
                     next(self._stale_fast)
                     return item.value
         return self._read_below(key, item, resolver, default)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import logging
 import threading
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -319,6 +320,67 @@ def test_stale_while_revalidate_serves_old_value_and_refreshes_once(
     assert value == "k-v2"
     assert entry.fresh_until == clock.now + 10
     assert len(source.calls) == 2
+
+
+def _wait_calls(source: Source, n: int) -> None:
+    deadline = time.monotonic() + 10
+    while len(source.calls) < n:
+        assert time.monotonic() < deadline, f"resolver called {len(source.calls)} times, not {n}"
+        time.sleep(0.001)
+
+
+def test_a_full_refresh_queue_drops_the_request_and_the_next_stale_read_asks_again(
+    configured: str, make_cache: Any, clock: FakeClock
+) -> None:
+    dispatcher = current_runtime().dispatcher
+    dispatcher.max_queue = 2  # read when the stack is built (below)
+    source = Source()
+    c = make_cache(ttl="10s", stale_ttl="60s", resolver=source, clock=clock)
+    keys = ["a", "b", "c", "d", "e"]
+    for key in keys:
+        assert c.get(key) == f"{key}-v{len(source.calls)}"
+    clock.tick(11)
+    source.gate = threading.Event()
+    # Both drainer threads take a refresh and block in the resolver; two more wait in the queue.
+    assert [c.get(k) for k in ("a", "b")] == ["a-v1", "b-v2"]
+    _wait_calls(source, 7)
+    assert [c.get(k) for k in ("c", "d")] == ["c-v3", "d-v4"]
+    assert c.get("e") == "e-v5"  # the queue is full: served stale, the request dropped
+    stats = c.get_stats(local=True)
+    assert (stats["stale_served"], stats["refreshes_dropped"]) == (5, 1)
+    source.gate.set()
+    join_refreshes()
+    assert sorted(source.calls[5:]) == ["a", "b", "c", "d"]
+    # The dropped copy was not marked as asked for: its next read asks again.
+    assert c.get("e") == "e-v5"
+    join_refreshes()
+    assert source.calls[-1] == "e"
+    assert c.get("e") == "e-v10"
+    assert c.get_stats(local=True)["refreshes_dropped"] == 1
+
+
+def test_dispatcher_join_waits_for_running_refreshes_and_times_out_cleanly(
+    configured: str, make_cache: Any, clock: FakeClock
+) -> None:
+    dispatcher = current_runtime().dispatcher
+    source = Source()
+    c = make_cache(ttl="10s", stale_ttl="60s", resolver=source, clock=clock)
+    assert c.get("k") == "k-v1"
+    clock.tick(11)
+    source.gate = threading.Event()
+    assert c.get("k") == "k-v1"
+    _wait_calls(source, 2)
+    assert dispatcher.join(0.05) is False  # the refresh is still running
+    # Two joins at once must not split the drainers between them (each would wait for both).
+    results: list[bool] = []
+    joiners = [threading.Thread(target=lambda: results.append(dispatcher.join(10))) for _ in "ab"]
+    for joiner in joiners:
+        joiner.start()
+    source.gate.set()
+    for joiner in joiners:
+        joiner.join(15)
+    assert results == [True, True]
+    assert c.get("k") == "k-v2"
 
 
 @pytest.mark.parametrize("l1_cleared", [False, True], ids=["from-L1", "from-L2"])
