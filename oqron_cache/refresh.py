@@ -120,18 +120,21 @@ class Dispatcher:
             stack, key, seen, early, checked = job
             if not checked and not self._admit(stack, (stack.name, key)):
                 continue
-            outcome = "error"
+            outcome, held = "error", stack.opts.stampede.lock_ttl
             try:
-                outcome = plan_refresh(stack, key, seen, early)
+                outcome, held = _plan(stack, key, seen, early)
             except Exception:
                 log.exception("cache %s: refresh crashed", stack.name)
             finally:
                 ident = (stack.name, key)
                 if outcome in _THROTTLED:
                     # Someone holds the key's lock (a worker refreshing it, or a failed
-                    # refresh's throttle): asking again before it expires only costs Redis
-                    # round trips. A fill message evicts the stale copy sooner.
-                    self._throttle[ident] = time.monotonic() + stack.opts.stampede.lock_ttl
+                    # refresh's throttle) for ``held`` more seconds: asking again before it
+                    # expires only costs Redis round trips; asking later delays the refresh.
+                    # A fill message evicts the stale copy sooner.
+                    until = time.monotonic() + held
+                    self._throttle[ident] = until
+                    stack.retry_after(key, seen, until)
                     if len(self._throttle) > self.max_queue:
                         self._prune()
                 self._pending.pop(ident, None)
@@ -209,47 +212,52 @@ def _in_process_worker(stack: CacheStack) -> bool:
 
 def plan_refresh(stack: CacheStack, key: str, seen: bytes, early: bool = False) -> str:
     """Refresh ``key`` unless someone else is or did; return the outcome (for tests and logs)."""
+    return _plan(stack, key, seen, early)[0]
+
+
+def _plan(stack: CacheStack, key: str, seen: bytes, early: bool) -> tuple[str, float]:
+    """:func:`plan_refresh`, and for how long from now the key's lock is held (seconds)."""
+    lock_ttl = stack.opts.stampede.lock_ttl
     if stack.opts.resolver is None:
-        return "no-resolver"
+        return "no-resolver", lock_ttl
     if stack.l2 is None:
         # No L2 (memory-only): nothing to coordinate with; this process's own dispatcher
         # deduplicates its requests.
         stack.stats.incr("refreshes_enqueued")
-        if stack.l2 is None and _in_process_worker(stack):
+        if _in_process_worker(stack):
             # A memory-only cache with an in-memory broker (its worker shares this process and
             # so this L1): the resolver runs in the worker, as with any Celery app.
             enqueuer = stack.runtime.enqueuer  # type: ignore[union-attr]
-            if enqueuer is not None and enqueuer.enqueue(
-                stack.name, key, "", seen, stack.opts.stampede.lock_ttl
-            ):
-                return "enqueued"
-        return run_refresh(stack, key, "", seen, checked=True)
+            if enqueuer is not None and enqueuer.enqueue(stack.name, key, "", seen, lock_ttl):
+                return "enqueued", lock_ttl
+        return run_refresh(stack, key, "", seen, checked=True), lock_ttl
     # One round trip: take the key's lock and read the entry (someone may have refreshed it).
     token = secrets.token_hex(16)
     epoch = stack.epoch
     try:
-        won, raw, redis_now = stack.l2.acquire_or_read(key, token, stack.opts.stampede.lock_ttl)
+        won, raw, redis_now, held = stack.l2.acquire_or_read(key, token, lock_ttl)
     except L2Unavailable:
         stack.stats.incr("l2_errors")
         stack.stats.incr("refreshes_enqueued")
-        return run_refresh(stack, key, "", seen, checked=True)
+        return run_refresh(stack, key, "", seen, checked=True), lock_ttl
     found = stack._parse(key, raw, True, epoch)
     if found.entry is not None and _refreshed(stack, found, seen, early):
         if won:
             stack._release(key, token)
         stack._put_l1(key, found.entry, found.epoch)  # another process already refreshed it
         stack.stats.incr("refreshes_deduplicated")
-        return "already-fresh"
+        return "already-fresh", lock_ttl
     if not won:
         stack.stats.incr("refreshes_deduplicated")
-        return "locked"
+        return "locked", held
     stack.stats.incr("refreshes_enqueued")
     enqueuer = stack.runtime.enqueuer if stack.runtime is not None else None
     if enqueuer is not None:
-        if enqueuer.enqueue(stack.name, key, token, found.seen, stack.opts.stampede.lock_ttl):
-            return "enqueued"
+        if enqueuer.enqueue(stack.name, key, token, found.seen, lock_ttl):
+            return "enqueued", lock_ttl
         stack.stats.incr("enqueue_failures")  # broker down or slow: refresh here instead
-    return run_refresh(stack, key, token, found.seen, checked=True, started_us=redis_now)
+    outcome = run_refresh(stack, key, token, found.seen, checked=True, started_us=redis_now)
+    return outcome, lock_ttl
 
 
 def run_refresh(

@@ -138,8 +138,9 @@ class CacheStack:
                     mono = time.monotonic()
                     if mono >= item.refresh_after and self._post is not None:
                         if self._queued() < self._max_queued:
-                            self._post((self, key, item.version, False, False))
+                            # Before the put: the drainer may set it nearer (see retry_after).
                             item.refresh_after = mono + self._lock_ttl
+                            self._post((self, key, item.version, False, False))
                         else:
                             self.stats.incr("refreshes_dropped")
                     next(self._stale_fast)
@@ -156,10 +157,13 @@ class CacheStack:
             action = decide(item.fresh_until, item.stale_until, now, self._can_swr(resolver))
             if action is Action.SERVE_AND_REFRESH:
                 self.stats.incr("stale_served")
-                if self._request_refresh(key, item.version):
-                    # Later stale reads of this copy take the hot path until the refresh is
-                    # due again (the dispatcher throttles the key as long).
-                    item.refresh_after = time.monotonic() + self.opts.stampede.lock_ttl
+                # Later stale reads of this copy take the hot path until the refresh is due
+                # again (the dispatcher throttles the key as long). Set before the request: its
+                # drainer may set it nearer (see retry_after).
+                due = item.refresh_after
+                item.refresh_after = time.monotonic() + self.opts.stampede.lock_ttl
+                if not self._request_refresh(key, item.version):
+                    item.refresh_after = due
                 return item.value
             if action is Action.SERVE:  # fresh, but this process's copy is due for a look below
                 fallback = item.value
@@ -339,7 +343,7 @@ class CacheStack:
                 token = secrets.token_hex(16)
                 epoch = self.epoch
                 try:
-                    won, raw, redis_now = self.l2.acquire_or_read(key, token, lock_ttl)
+                    won, raw, redis_now, _ = self.l2.acquire_or_read(key, token, lock_ttl)
                 except L2Unavailable:
                     self.stats.incr("l2_errors")
                     return self._compute(key, resolver, NO_VERSION, "", fallback)
@@ -655,6 +659,17 @@ class CacheStack:
         if self.runtime is None:
             return False
         return self.runtime.dispatcher.submit(self, key, seen)
+
+    def retry_after(self, key: str, seen: bytes, when: float) -> None:
+        """This process's stale copy of ``key`` (version ``seen``) asks again at ``when``.
+
+        ``when`` is ``time.monotonic()`` time: when the key's lock, held by whoever is
+        refreshing it, expires. Asking before then only finds the lock taken; asking a whole
+        ``lock_ttl`` after finding it taken would double the wait after a lost refresh.
+        """
+        item = self.l1.get(key) if self.l1 is not None else None
+        if item is not None and item.version == seen:
+            item.refresh_after = when
 
     # ------------------------------------------------------------------ bus and refresh
 

@@ -8,6 +8,7 @@ missing: start it with ``.ci/run`` or point ``OQRON_TEST_REDIS_URL`` at one.
 from __future__ import annotations
 
 import os
+import signal
 import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -21,6 +22,14 @@ DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 
 
 # -- infrastructure (independent of oqron_cache) ------------------------------------------
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # A non-interactive shell starts a background job (`./dev test &`) with SIGINT ignored, and
+    # every process the tests start would inherit that: the Ctrl-C tests (demo, stats --watch)
+    # could not interrupt anything. Deliver it again.
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(scope="session")

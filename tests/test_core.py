@@ -359,6 +359,45 @@ def test_a_full_refresh_queue_drops_the_request_and_the_next_stale_read_asks_aga
     assert c.get_stats(local=True)["refreshes_dropped"] == 1
 
 
+def test_a_failed_refresh_is_retried_when_its_lock_expires_not_a_lock_ttl_later(
+    configured: str, make_cache: Any, clock: FakeClock
+) -> None:
+    # Real time on purpose: the key's lock (the retry throttle) is a Redis TTL.
+    lock_ttl, work = 1.0, 0.4
+    calls: list[tuple[float, float]] = []  # (start, end) of each resolver run, monotonic
+
+    def slow_to_fail(key: str) -> str:
+        start = time.monotonic()
+        if calls:  # the retry succeeds
+            calls.append((start, start))
+            return "v2"
+        time.sleep(work)
+        calls.append((start, time.monotonic()))
+        raise ResolverBroke("origin down")
+
+    c = make_cache(
+        ttl="10s",
+        stale_ttl="60s",
+        resolver=slow_to_fail,
+        clock=clock,
+        stampede=Stampede(lock_ttl=lock_ttl),
+    )
+    c.set("k", "v1")
+    clock.tick(11)
+    deadline = time.monotonic() + 10
+    while len(calls) < 2:  # a reader polling the stale value every 5 ms
+        assert c.get("k") in ("v1", "v2")
+        assert time.monotonic() < deadline, "the failed refresh was never retried"
+        time.sleep(0.005)
+    # The failure held the lock for lock_ttl from its end: the retry comes then. Before, the
+    # copy asked again lock_ttl after its first request, found the lock taken (work seconds
+    # left) and waited a whole lock_ttl more.
+    retry_wait = calls[1][0] - calls[0][1]
+    assert lock_ttl - 0.05 <= retry_wait <= lock_ttl + 0.3, retry_wait
+    join_refreshes()
+    assert c.get("k") == "v2"
+
+
 def test_dispatcher_join_waits_for_running_refreshes_and_times_out_cleanly(
     configured: str, make_cache: Any, clock: FakeClock
 ) -> None:

@@ -75,16 +75,17 @@ return 1
 # ARGV[2] - lock TTL, ms
 # Try to take the lock and, in the same round trip, read the entry: a waiter learns whether a
 # holder filled it already, a winner double-checks before running the resolver.
-# Returns {1 if the lock was taken else 0, the envelope or nil, Redis time in µs}.
+# Returns {1 if the lock was taken else 0, the envelope or nil, Redis time in µs, the lock's
+# remaining ms (when not taken: when it is worth asking again)}.
 _ACQUIRE_OR_READ = """
 local won = redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2])
 local cur = redis.call('GET', KEYS[1])
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 if won then
-  return {1, cur, now}
+  return {1, cur, now, tonumber(ARGV[2])}
 end
-return {0, cur, now}
+return {0, cur, now, redis.call('PTTL', KEYS[2])}
 """
 
 # KEYS[1] - the entry's value key
@@ -360,16 +361,20 @@ class RedisStore:
         )
         return bool(ok)
 
-    def acquire_or_read(self, key: str, token: str, ttl: float) -> tuple[bool, bytes | None, int]:
+    def acquire_or_read(
+        self, key: str, token: str, ttl: float
+    ) -> tuple[bool, bytes | None, int, float]:
         """Try to take ``key``'s lock and read its envelope, in one round trip.
 
         Also returns Redis's clock (µs): the instant a load that follows begins, comparable
-        with the instants invalidations are recorded at.
+        with the instants invalidations are recorded at; and the seconds the lock is held for
+        (``ttl`` if taken, else what is left of the holder's).
         """
         keys = [self.keys.value(key), self.keys.lock(key)]
         reply = self.conn.run(self.conn.acquire_script, keys=keys, args=[token, _ms(ttl)])
-        won, raw, now = cast("list[Any]", reply)
-        return bool(won), raw, int(now)
+        won, raw, now, left_ms = cast("list[Any]", reply)
+        left = int(left_ms) / 1000 if int(left_ms) > 0 else ttl  # -1: no TTL (not ours)
+        return bool(won), raw, int(now), left
 
     def now_us(self) -> int:
         """Redis's clock, in µs."""
