@@ -236,12 +236,9 @@ class CeleryWorker:
         """When (wall clock, s; the log's ms resolution) the worker received the refresh task
         of ``key`` and when it logged the refresh's outcome (after the fill was published).
         Only the first of each; missing ones are absent."""
-        try:  # task ids are "<prefix>:<nonce>" (older versions: the prefix alone)
-            from oqron_cache.tasks import refresh_task_prefix as task_prefix
-        except ImportError:
-            from oqron_cache.tasks import refresh_task_id as task_prefix
+        from oqron_cache.tasks import refresh_task_prefix
 
-        task = re.escape(task_prefix(cache, key))
+        task = re.escape(refresh_task_prefix(cache, key))  # ids are "<prefix>:<lock digest>"
         marks = {
             "received": rf"\] Task oqron_cache\.refresh\[{task}(?::[0-9a-f]+)?\] received",
             "refreshed": rf"\] refresh {re.escape(cache)} {re.escape(key)}: ",

@@ -279,10 +279,9 @@ def run_refresh(
     resolver = stack.opts.resolver
     if resolver is None:
         return "no-resolver"
-    if started_us is None:
-        started_us = stack._redis_now()
     if not checked:
-        found = stack._read_l2(key)
+        found, read_at = stack._read_l2_at(key)  # the clock and the entry, one round trip
+        started_us = read_at if started_us is None else started_us
         if found is not None and found.seen != seen:
             # Refreshed, written or invalidated since the request: nothing to do (P4, P5).
             if token:
@@ -291,6 +290,8 @@ def run_refresh(
                 stack._put_l1(key, found.entry, found.epoch)
             stack.stats.incr("refreshes_deduplicated")
             return "superseded"
+    elif started_us is None:
+        started_us = stack._redis_now()
     started = time.perf_counter()
     try:
         value = resolver(key)

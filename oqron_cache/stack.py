@@ -257,6 +257,21 @@ class CacheStack:
         self.stats.observe("redis", time.perf_counter() - started)
         return found
 
+    def _read_l2_at(self, key: str) -> tuple[Found | None, int | None]:
+        """:meth:`_read_l2` and Redis's clock before the read (µs), in one round trip.
+
+        For a refresh: the clock is the instant its load begins (see ``after_fill``).
+        """
+        if self.l2 is None:
+            return None, None
+        epoch = self.epoch
+        try:
+            raw, now_us = self.l2.read_at(key)
+        except L2Unavailable:
+            self.stats.incr("l2_errors")
+            return None, None
+        return self._parse(key, raw, False, epoch), now_us
+
     def _parse(self, key: str, raw: bytes | None, recheck: bool, epoch: int) -> Found:
         """Decode an envelope read from L2 (``None``: absent). Corrupt data is a miss.
 

@@ -72,15 +72,19 @@ class TaskArgumentError(OqronCacheError, ValueError):
     """A task message carried arguments of the wrong type or size (it is dropped, logged)."""
 
 
-def refresh_task_id(cache: str, key: str) -> str:
-    """The readable id of a key's refresh task: ``refresh:<cache>:<key digest>:<nonce>``.
+def refresh_task_id(cache: str, key: str, token: str) -> str:
+    """The readable id of a refresh: ``refresh:<cache>:<key digest>:<lock digest>``.
 
-    The ``refresh:<cache>:<key digest>`` part is deterministic (search Flower for a key's
-    refreshes by it). The nonce is not optional: a worker that receives an expired message adds
-    its id to its revoked set for hours (and mingle shares that set), so a fully deterministic id
-    would make one expired refresh discard every later refresh of the key.
+    Deterministic: a function of the key and of the lock hold that owns the refresh (``token``,
+    whose first 8 hex digits of SHA-256 are all that shows; the token itself never leaves the
+    message's arguments). The same refresh sent twice has the same id; the next refresh of the
+    key, under a new lock, has a new one. The key's part, ``refresh:<cache>:<key digest>``,
+    finds all of a key's refreshes in Flower. The id cannot be the key's alone: a worker that
+    receives an expired message adds its id to its revoked set for hours (and mingle shares
+    that set), so one expired refresh would discard every later refresh of the key.
     """
-    return f"{refresh_task_prefix(cache, key)}:{secrets.token_hex(4)}"
+    lock = hashlib.sha256(token.encode()).hexdigest()[:8] if token else secrets.token_hex(4)
+    return f"{refresh_task_prefix(cache, key)}:{lock}"
 
 
 def refresh_task_prefix(cache: str, key: str) -> str:
@@ -385,7 +389,7 @@ class Enqueuer:
         def send() -> object:
             return task.apply_async(
                 args=args,
-                task_id=refresh_task_id(cache, key),
+                task_id=refresh_task_id(cache, key, token),
                 expires=lock_ttl,  # a refresh that waited longer than its lock is moot
                 queue=REFRESH_QUEUE,
                 retry=False,

@@ -64,16 +64,22 @@ def test_install_registers_the_tasks_with_their_delivery_guarantees() -> None:
     assert app.conf.task_send_sent_event is True
 
 
-def test_refresh_task_id_is_readable_deterministic_per_key_and_unique_per_send() -> None:
+def test_refresh_task_id_is_readable_and_deterministic_per_key_and_lock() -> None:
     prefix = refresh_task_prefix("users", "u1")
     assert prefix == refresh_task_prefix("users", "u1")
     assert prefix.startswith("refresh:users:")
     assert prefix != refresh_task_prefix("users", "u2")
-    first, second = refresh_task_id("users", "u1"), refresh_task_id("users", "u1")
-    # A nonce: an expired message's id is revoked by the worker for hours; a reused id would
-    # make every later refresh of the key be discarded.
-    assert first != second
+    token = "5f" * 16
+    first = refresh_task_id("users", "u1", token)
+    assert first == refresh_task_id("users", "u1", token)  # the same refresh: the same id
     assert re.fullmatch(re.escape(prefix) + r":[0-9a-f]{8}", first)
+    assert token not in first and token[:8] not in first  # the lock token stays secret
+    # The next lock hold, a new id: an expired message's id is revoked by the worker for
+    # hours; a reused id would make every later refresh of the key be discarded.
+    assert refresh_task_id("users", "u1", "a0" * 16) != first
+    assert refresh_task_id("users", "u2", token) != first
+    # No lock (a memory-only cache): nothing to derive it from, so a random suffix.
+    assert refresh_task_id("users", "u1", "") != refresh_task_id("users", "u1", "")
 
 
 def test_visibility_timeout_shorter_than_lock_ttl_warns(

@@ -42,6 +42,7 @@ from oqron_cache.tasks import (
     INVALIDATE_TASK,
     REFRESH_QUEUE,
     REFRESH_TASK,
+    refresh_task_id,
 )
 from tests.celery_fixtures import TaskLog, wait_for
 from tests.conftest import FakeClock
@@ -176,7 +177,7 @@ def origin(celery_worker: Any) -> Iterator[Origin]:
 
 
 def is_refresh_id(task_id: str | None, cache: str, key: str) -> bool:
-    """``refresh:<cache>:<key digest>:<nonce>`` (see tasks.refresh_task_id)."""
+    """``refresh:<cache>:<key digest>:<lock digest>`` (see tasks.refresh_task_id)."""
     pattern = re.escape(f"refresh:{cache}:{digest(key)}") + r":[0-9a-f]{8}"
     return task_id is not None and re.fullmatch(pattern, task_id) is not None
 
@@ -250,6 +251,7 @@ def test_stale_read_returns_at_once_and_one_task_refreshes_it(
     name, key, token, seen_hex = sent.args
     assert (name, key, seen_hex) == (cache.name, "k", seen.hex())
     assert isinstance(token, str) and len(token) == 32
+    assert sent.id == refresh_task_id(cache.name, "k", token)  # deterministic per lock hold
     assert token not in sent.headers["argsrepr"]
     assert sent.headers["argsrepr"] == repr([cache.name, "k", "***", seen.hex()])
     assert sent.kwargs == {}

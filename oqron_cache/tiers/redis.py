@@ -354,6 +354,18 @@ class RedisStore:
         raw = self.conn.run(self.conn.client.get, self.keys.value(key))
         return cast("bytes | None", raw)
 
+    def read_at(self, key: str) -> tuple[bytes | None, int]:
+        """Redis's clock (µs), then the raw envelope of ``key``: one round trip (a pipeline)."""
+
+        def both() -> list[Any]:
+            pipe = self.conn.client.pipeline(transaction=False)
+            pipe.time()
+            pipe.get(self.keys.value(key))
+            return pipe.execute()
+
+        (seconds, micros), raw = self.conn.run(both)
+        return cast("bytes | None", raw), int(seconds) * 1_000_000 + int(micros)
+
     def acquire(self, key: str, token: str, ttl: float) -> bool:
         """Try to take ``key``'s lock (``SET NX PX``); True if this caller now holds it."""
         ok = self.conn.run(
