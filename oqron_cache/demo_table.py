@@ -8,7 +8,9 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-TIERS = ("memory", "redis", "resolver")
+from .demo_participant import TIERS, VISIBLE_TIMEOUT
+from .demo_resolver import STALE_TTL, TTL
+
 WIDTH = 92  # of the notes under the table
 
 
@@ -140,8 +142,6 @@ def _where(worker: dict[str, Any]) -> str:
 
 
 def _notes(results: list[Totals], *, shared: bool, worker: dict[str, Any]) -> list[str]:
-    from .demo import STALE_TTL, TTL, VISIBLE_TIMEOUT
-
     stale = results[-1]
     first, every = stale.visible_ms()
     started = stale.stats["refreshes_enqueued"]
