@@ -21,6 +21,8 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from .keys import printable
+from .load import redis_time
+from .store import store
 from .tiers.redis import L2Unavailable
 
 if TYPE_CHECKING:
@@ -291,7 +293,7 @@ def run_refresh(
             stack.stats.incr("refreshes_deduplicated")
             return "superseded"
     elif started_us is None:
-        started_us = stack._redis_now()
+        started_us = redis_time(stack)
     started = time.perf_counter()
     try:
         value = resolver(key)
@@ -312,7 +314,7 @@ def run_refresh(
     elapsed = time.perf_counter() - started
     stack.stats.incr("resolver_calls")
     stack.stats.observe("resolver", elapsed)
-    if not stack._store(key, value, seen, token, elapsed, started_us):
+    if not store(stack, key, value, seen, token, elapsed, started_us):
         return "conflict"
     stack.stats.incr("refreshes_succeeded")
     return "refreshed"

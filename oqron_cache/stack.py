@@ -1,9 +1,10 @@
-"""The read and write paths of one cache: L1, then L2, then the resolver (DESIGN section 2).
+"""The engine of one cache in one process: its read path, L1 first, then L2 (DESIGN section 2).
 
 ``CacheStack`` is built from parts (an L1 store, an L2 store, the process's bus and refresh
 dispatcher, the stats) when a cache is first used after :func:`oqron_cache.configure`. The
 decision of what to do with what a tier holds is :func:`oqron_cache.entry.decide`; this module
-only does the I/O around it.
+only does the I/O around it. A miss that must be loaded goes on in :mod:`.load`; what a load or
+a ``set()`` writes is :mod:`.store`; a background refresh is :mod:`.refresh`.
 """
 
 from __future__ import annotations
@@ -11,20 +12,19 @@ from __future__ import annotations
 import logging
 import math
 import random
-import secrets
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from .bus import encode_message
-from .entry import NO_VERSION, Action, Corrupt, Entry, decide, new_version, pack, unpack
-from .errors import ConfigurationError
+from .entry import NO_VERSION, Action, Corrupt, Entry, decide, unpack
 from .flight import Flights
-from .invalidation import after_fill
 from .keys import printable
+from .load import MISSING, load_as_leader
 from .metrics import LATENCY_SAMPLE, Stats
 from .options import CacheOptions
 from .serializers import Codec
+from .store import MAX_TAG_BYTES, NEVER, encode, make_entry, remove, store, write
 from .tiers.memory import L1Item, MemoryStore
 from .tiers.redis import L2Unavailable, RedisStore
 
@@ -34,12 +34,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("oqron_cache")
 
+__all__ = ["MAX_TAG_BYTES", "NEVER", "CacheStack", "Found", "Resolver"]
+
 Resolver = Callable[[str], Any]
-_MISSING: Any = object()
-MAX_TAG_BYTES = 256  # with max_tags <= 200 the tag block always fits the envelope's 16-bit length
-NEVER = 1 << 62  # "the load began at the end of time": no invalidation can postdate it
 EARLY_SPAN = 10.0  # see CacheStack._early_from
-WAIT_SLICE = 0.2  # a lost pub/sub message costs a waiter at most this long (safety net, not a poll)
 
 
 class Found:
@@ -151,7 +149,7 @@ class CacheStack:
         self, key: str, item: L1Item | None, resolver: Resolver | None, default: Any
     ) -> Any:
         now = self.clock()
-        fallback: Any = _MISSING  # a value we may still serve if everything below fails
+        fallback: Any = MISSING  # a value we may still serve if everything below fails
         l1_fresh = False  # L1's copy is fresh; only its per-process bound (l1 ttl) has passed
         if item is not None:
             action = decide(item.fresh_until, item.stale_until, now, self._can_swr(resolver))
@@ -232,7 +230,7 @@ class CacheStack:
         self.stats.incr("misses")
         if resolver is None:
             return default, False
-        return self._load_as_leader(key, resolver, fallback, found), True
+        return load_as_leader(self, key, resolver, fallback, found), True
 
     def _can_swr(self, resolver: Resolver | None) -> bool:
         # A stale value can only be refreshed in the background by the cache's own resolver.
@@ -317,277 +315,14 @@ class CacheStack:
             self.stats.incr("l2_errors")
         return entry
 
-    # ------------------------------------------------------------------ cold misses
+    # ------------------------------------------------------------------ writes and loads
 
-    def _load_as_leader(
-        self, key: str, resolver: Resolver, fallback: Any, first: Found | None = None
-    ) -> Any:
-        """Across processes: take the key's lock and load, or wait for the holder's fill.
-
-        ``first`` is the L2 read the caller just made (saves one round trip).
-        """
-        if self.l1 is not None:  # a flight that just ended may have filled L1: check again
-            item = self.l1.get(key)
-            if item is not None and self.clock() < item.fresh_until:
-                return item.value
-        if self.l2 is None or not self.opts.stampede.enabled:
-            started_us = self._redis_now()
-            found = self._read_l2(key, recheck=True)
-            seen = found.seen if found else NO_VERSION
-            return self._compute(key, resolver, seen, "", fallback, started_us)
-        lock_ttl = self.opts.stampede.lock_ttl
-        deadline = time.monotonic() + lock_ttl
-        waiters = self.runtime.bus.waiters if self.runtime and self.runtime.bus else None
-        # Registered before anything is checked, so a fill landing between our check and our
-        # wait still wakes us (no lost wake-up, no extra read).
-        event = waiters.register(self.name, key) if waiters is not None else None
-        found = first
-        waited = False
-        redis_now: int | None = None
-        try:
-            while True:
-                if found is None:  # L2 unavailable: nobody to coordinate with
-                    return self._compute(key, resolver, NO_VERSION, "", fallback)
-                if found.entry is not None and self.clock() < found.entry.fresh_until:
-                    if waited:
-                        self.stats.incr("stampede_prevented")
-                    self._put_l1(key, found.entry, found.epoch)
-                    return found.entry.value
-                # One round trip: try the lock and read the entry again (a holder may have
-                # filled it since our read; if so we must not load it a second time).
-                token = secrets.token_hex(16)
-                epoch = self.epoch
-                try:
-                    won, raw, redis_now, _ = self.l2.acquire_or_read(key, token, lock_ttl)
-                except L2Unavailable:
-                    self.stats.incr("l2_errors")
-                    return self._compute(key, resolver, NO_VERSION, "", fallback)
-                found = self._parse(key, raw, True, epoch)
-                if won:
-                    if found.entry is not None and self.clock() < found.entry.fresh_until:
-                        self._release(key, token)
-                        self._put_l1(key, found.entry, found.epoch)
-                        return found.entry.value
-                    if not self._load_in_worker(key, resolver, token, found.seen):
-                        return self._compute(key, resolver, found.seen, token, fallback, redis_now)
-                    # miss="worker": a worker loads it; wait for its fill like any waiter.
-                if found.entry is not None and self.clock() < found.entry.fresh_until:
-                    continue  # filled meanwhile: served at the top of the loop
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    # Liveness beats dedup: the holder is slow or dead; compute it ourselves.
-                    self.stats.incr("lock_timeouts")
-                    return self._compute(key, resolver, found.seen, "", fallback, redis_now)
-                waited = True
-                if event is not None:
-                    event.wait(min(remaining, WAIT_SLICE))
-                    event.clear()
-                else:
-                    time.sleep(min(remaining, WAIT_SLICE / 4))
-                found = self._read_l2(key, recheck=True)
-        finally:
-            if event is not None and waiters is not None:
-                waiters.unregister(self.name, key, event)
-
-    def _load_in_worker(self, key: str, resolver: Resolver, token: str, seen: bytes) -> bool:
-        """miss="worker": hand a cold miss to a worker; False to load it here instead."""
-        enqueuer = self.runtime.enqueuer if self.runtime is not None else None
-        if self.opts.miss != "worker" or enqueuer is None or resolver is not self.opts.resolver:
-            return False
-        if enqueuer.enqueue(self.name, key, token, seen, self.opts.stampede.lock_ttl):
-            return True
-        self.stats.incr("enqueue_failures")
-        return False
-
-    def _redis_now(self) -> int | None:
-        """Redis's clock in µs (when a load begins), or None without L2."""
-        if self.l2 is None:
-            return None
-        try:
-            return self.l2.now_us()
-        except L2Unavailable:
-            self.stats.incr("l2_errors")
-            return None
-
-    def _compute(
-        self,
-        key: str,
-        resolver: Resolver,
-        seen: bytes,
-        token: str,
-        fallback: Any,
-        started_us: int | None = None,
-    ) -> Any:
-        """Run the resolver, store the value (compare-and-set on ``seen``), return it.
-
-        ``started_us`` (Redis time in µs when the load began) lets the store see invalidations that
-        raced the load.
-        """
-        started = time.perf_counter()
-        try:
-            value = resolver(key)
-        except Exception:
-            self.stats.incr("resolver_errors")
-            if token:
-                self._release(key, token)
-            if fallback is not _MISSING:
-                self.stats.incr("stale_served")
-                log.warning(
-                    "cache %s: resolver failed for %s; serving the stale value",
-                    self.name,
-                    printable(key),
-                    exc_info=True,
-                )
-                return fallback
-            raise
-        elapsed = time.perf_counter() - started
-        self.stats.incr("resolver_calls")
-        self.stats.observe("resolver", elapsed)
-        self._store(key, value, seen, token, elapsed, started_us)
-        return value
-
-    # ------------------------------------------------------------------ writes
-
-    def _entry(self, key: str, value: Any, delta: float) -> Entry:
-        now = self.clock()
-        fresh_until = now + self.opts.ttl
-        return Entry(
-            value,
-            now,
-            fresh_until,
-            fresh_until + self.opts.stale_ttl,
-            new_version(),
-            self._tags(key, value),
-            delta,
-        )
-
-    def _tags(self, key: str, value: Any) -> tuple[str, ...]:
-        if self.opts.tags is None:
-            return ()
-        tags = self.opts.tags(key, value)
-        if isinstance(tags, str) or not isinstance(tags, Iterable):
-            raise TypeError(f"tags function of cache {self.name!r} must return a list of str")
-        out = tuple(tags)
-        if not all(type(t) is str and t for t in out):
-            raise TypeError(f"tags of cache {self.name!r} must be non-empty str")
-        too_long = [t for t in out if len(t.encode("utf-8", "surrogatepass")) > MAX_TAG_BYTES]
-        if too_long:
-            raise ConfigurationError(
-                f"cache {self.name!r}: a tag of {len(too_long[0])} chars is longer than "
-                f"{MAX_TAG_BYTES} bytes"
-            )
-        if len(out) > self.opts.max_tags:
-            raise ConfigurationError(
-                f"cache {self.name!r}: {len(out)} tags on one entry, "
-                f"more than max_tags={self.opts.max_tags}"
-            )
-        return out
-
-    def _encode(self, key: str, entry: Entry) -> bytes | None:
-        """The envelope of ``entry``, or ``None`` if its value is too large to cache (P9)."""
-        payload = self.codec.encode(entry.value, self.name)
-        if len(payload) > self.opts.max_value_bytes:
-            self.stats.incr("oversize")
-            log.warning(
-                "cache %s: value for %s is %d bytes > max_value_bytes=%d; returned, not cached",
-                self.name,
-                printable(key),
-                len(payload),
-                self.opts.max_value_bytes,
-            )
-            return None
-        return pack(entry, self.codec.codec_id, payload)
-
-    def _store(
-        self,
-        key: str,
-        value: Any,
-        seen: bytes,
-        token: str,
-        delta: float,
-        started_us: int | None = None,
-    ) -> bool:
-        """Write a resolved value to L2 (only if still at ``seen``) and to L1.
-
-        Returns False if it was not cached: too large, or a newer write won (P5).
-        """
-        try:
-            entry = self._entry(key, value, delta)
-            # Encoded even without L2: the same values are cacheable whatever the tiers, and
-            # max_value_bytes bounds L1 too (P9).
-            envelope = self._encode(key, entry)
-        except BaseException:
-            if token:
-                self._release(key, token)
-            raise
-        if envelope is None:
-            if token:
-                self._release(key, token)
-            return False
-        epoch = self.epoch
-        if self.l2 is not None:
-            message = self._message("fill", [key])
-            try:
-                written = self.l2.fill(
-                    key, seen, envelope, self.opts.ttl + self.opts.stale_ttl, token, message
-                )
-            except L2Unavailable:
-                self.stats.incr("l2_errors")
-            else:
-                if not written:
-                    # A newer set or an invalidation landed while we computed: it wins (P5).
-                    self.stats.incr("l2_write_conflicts")
-                    return False
-                if started_us is not None and not after_fill(self, key, entry, started_us):
-                    return False  # a pattern/tag invalidation raced the load: withdrawn
-        self._put_l1(key, entry, epoch)
-        return True
-
-    def set(self, key: str, value: Any) -> None:
-        """Write ``value`` to every tier and tell other processes to drop their copy."""
-        self.stats.incr("sets")
-        entry = self._entry(key, value, 0.0)
-        envelope = self._encode(key, entry)
-        if envelope is None:  # too large to cache: at least stop serving the old value
-            self.delete(key)
-            return
-        if self.l2 is not None:
-            try:
-                self.l2.put(
-                    key,
-                    envelope,
-                    self.opts.ttl + self.opts.stale_ttl,
-                    self._message("evict", [key]),
-                )
-            except L2Unavailable:
-                self.stats.incr("l2_errors")
-            else:
-                if entry.tags:  # a written value is new data: index it, nothing to withdraw
-                    after_fill(self, key, entry, NEVER)
-        self._put_l1(key, entry)
-
-    def delete(self, key: str) -> None:
-        """Remove ``key`` from every tier and every process's L1.
-
-        L2 keeps a short-lived tombstone with a new version, so a load or refresh that began
-        before the delete cannot write its older value back (compare-and-set fails).
-        """
-        self.stats.incr("deletes")
-        if self.l1 is not None:
-            self.l1.discard(key)
-        if self.l2 is None:
-            return
-        now = self.clock()
-        tomb = Entry(None, now, now, now, new_version(), tombstone=True)
-        try:
-            self.l2.tombstone(
-                key,
-                pack(tomb, self.codec.codec_id, b""),
-                self._tombstone_ttl,
-                self._message("evict", [key]),
-            )
-        except L2Unavailable:
-            self.stats.incr("l2_errors")
+    # Functions of the stack (store.py), as methods for the front end and the tests.
+    set = write  # set(key, value): every tier, and every other process's L1 drops its copy
+    delete = remove  # delete(key): every tier, and a tombstone in L2 against older fills
+    _store = store
+    _entry = make_entry
+    _encode = encode
 
     # ------------------------------------------------------------------ helpers
 

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 from .entry import Entry, new_version, pack
 from .errors import OqronCacheError
+from .store import entry_tags
 from .tiers.redis import L2Unavailable
 
 if TYPE_CHECKING:
@@ -272,7 +273,7 @@ def cache_link(
         now + stack.opts.ttl,
         now + stack.opts.ttl + stack.opts.stale_ttl,
         bytes.fromhex(version_hex),
-        stack._tags(key, value),
+        entry_tags(stack, key, value),
     )
     envelope = pack(entry, stack.codec.codec_id, payload)
     keys = [l2.keys.value(key), l2.keys.writes(key)]
@@ -290,7 +291,7 @@ def cache_link(
     if stack.l1 is not None:
         stack.l1.discard(key)  # the bus message is ours, so our own L1 would not hear it
     if written and entry.tags:
-        from .stack import NEVER
+        from .store import NEVER
 
         after_fill(stack, key, entry, NEVER)
     return "written" if written else "superseded"
