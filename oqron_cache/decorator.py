@@ -2,7 +2,7 @@
 
 The decorator runs at import time and only records options; the cache connects on first call
 after :func:`oqron_cache.configure`. The key of a call is the typed encoding of its arguments
-(:func:`oqron_cache.keys.encode_call`), so the resolver can be rebuilt from the key alone and a
+(:func:`oqron_cache.call_keys.encode_call`), so the resolver can be rebuilt from the key alone and a
 worker (or the background refresher) can recompute any entry.
 """
 
