@@ -4,6 +4,7 @@ P3 (bounded staleness) and P10 (secure by default)."""
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import pickle
@@ -15,7 +16,7 @@ import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 from urllib.parse import quote
 
 import pytest
@@ -111,7 +112,7 @@ def test_redis_killed_mid_load_values_still_come_back_then_service_resumes(
     # serves, bounded by its ttl); whether the bus's flush came before or after that is a race.
     b_kept = l1.get("b") is not None
     for key in ("a", "b", "c"):  # from L1 if fresh, else the resolver: fast, no exception
-        value, took = timed(lambda key=key: cache.get(key))
+        value, took = timed(functools.partial(cache.get, key))
         assert value == f"value:{key}"
         assert took < 0.5
     expected = {"a": 2, "b": 1 if b_kept else 2, "c": 1}
@@ -155,7 +156,7 @@ def test_paused_redis_costs_one_timeout_then_the_breaker_answers_fast(
         assert breaker.state == "open"
         others = []
         for i in range(1, 20):  # other keys: L1 misses, but the open breaker answers at once
-            value, took = timed(lambda i=i: cache.get(f"k{i}"))
+            value, took = timed(functools.partial(cache.get, f"k{i}"))
             assert value == f"value:k{i}"
             others.append(took)
         assert breaker.state == "open"  # still within the 0.5 s cooldown ...
@@ -378,7 +379,8 @@ WRONG_PASSWORD = "Wr0ng-Staple-Secret"  # noqa: S105
 
 
 def make_acl_user(private_redis: RedisServer) -> None:
-    private_redis.client().execute_command(
+    # redis-py leaves execute_command unannotated.
+    private_redis.client().execute_command(  # type: ignore[no-untyped-call]
         "ACL", "SETUSER", "oq", "reset", "on", f">{ACL_PASSWORD}",
         "~oqron:*", "&oqron:*",
         "+@read", "+@write", "+@scripting", "+@pubsub", "+ping", "+client", "+time",
@@ -397,7 +399,9 @@ def test_acl_user_runs_the_full_cycle(
         runtime = current_runtime()
         assert runtime.bus.healthy
         users = {
-            c["user"] for c in private_redis.client().client_list() if c["name"] == "oqron-cache"
+            c["user"]
+            for c in cast("list[dict[str, str]]", private_redis.client().client_list())
+            if c["name"] == "oqron-cache"
         }
         assert users == {"oq"}
         calls = Counter[str]()

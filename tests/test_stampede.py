@@ -13,7 +13,7 @@ import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 import redis
@@ -145,10 +145,12 @@ def test_4_processes_x_64_threads_run_the_resolver_once(
         old = oqron_cache.cache(name, ttl="60s", stale_ttl="10s", clock=lambda: past)
         try:
             old.set(key, {"key": key, "n": 0})
-            value_key = old.stack.l2.keys.value(key)
+            l2 = old.stack.l2
+            assert l2 is not None
+            value_key = l2.keys.value(key)
         finally:
             old.close()
-        raw = redis_client.get(value_key)
+        raw = cast("bytes | None", redis_client.get(value_key))
         assert raw is not None  # physically present (ttl + stale_ttl = 70 s) ...
         entry, _, _ = unpack(raw)
         assert entry.stale_until < time.time() - 3000  # ... and long past its stale_until
@@ -176,7 +178,7 @@ def test_4_processes_x_64_threads_run_the_resolver_once(
         for child in children:
             child.close()
 
-    assert int(redis_client.get(counter) or 0) == 1
+    assert int(cast("bytes | None", redis_client.get(counter)) or 0) == 1
     errors = [e for r in results for e in r["errors"]]
     assert errors == []
     values = [v for r in results for v in r["values"]]
@@ -244,7 +246,7 @@ def test_killed_lock_holder_delays_waiters_by_at_most_lock_ttl(
         )
         lock_key = cache.stack.l2.keys.lock(key)
         t_read = time.monotonic()
-        pttl = int(redis_client.pttl(lock_key))
+        pttl = int(cast(int, redis_client.pttl(lock_key)))
         assert pttl > 300, f"the holder's lock should still be held, PTTL={pttl}"
         results: list[Any] = [None] * 8
         done_at = [0.0] * 8

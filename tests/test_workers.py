@@ -29,7 +29,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 import redis
@@ -296,7 +296,7 @@ def seed_stale(
 
 def l2_entry(client: redis.Redis, namespace: str, cache: str, key: str) -> Entry | None:
     """The entry of ``key`` in L2 (value decoded), or None if absent or a tombstone."""
-    raw = client.get(_space(namespace, cache).value(key))
+    raw = cast("bytes | None", client.get(_space(namespace, cache).value(key)))
     if raw is None:
         return None
     entry, _, payload = unpack(raw)
@@ -304,6 +304,13 @@ def l2_entry(client: redis.Redis, namespace: str, cache: str, key: str) -> Entry
         return None
     entry.value = get_codec("json").decode(payload)
     return entry
+
+
+def l2_value(client: redis.Redis, namespace: str, cache: str, key: str) -> Any:
+    """The decoded value of ``key`` in L2; the entry must exist (and not be a tombstone)."""
+    entry = l2_entry(client, namespace, cache, key)
+    assert entry is not None, f"no L2 entry for {key!r}"
+    return entry.value
 
 
 class Control:
@@ -326,13 +333,15 @@ class Control:
 
     @property
     def calls(self) -> int:
-        return int(self.client.get(self._k("calls")) or 0)
+        return int(cast("bytes | None", self.client.get(self._k("calls"))) or 0)
 
     def runs(self) -> list[dict[str, Any]]:
-        return [json.loads(r) for r in self.client.lrange(self._k("runs"), 0, -1)]
+        return [
+            json.loads(r) for r in cast("list[bytes]", self.client.lrange(self._k("runs"), 0, -1))
+        ]
 
     def where(self) -> dict[str, Any] | None:
-        raw = self.client.get(self._k("where"))
+        raw = cast("bytes | None", self.client.get(self._k("where")))
         return json.loads(raw) if raw else None
 
     def wait_calls(self, n: int, timeout: float = 15.0) -> None:
@@ -427,7 +436,7 @@ def test_expired_key_four_processes_one_refresh_in_the_worker(
         assert r["poll_ok"], r
         assert r["poll_value"] == {"gen": "new", "n": 1}
         assert r["poll_errors"] == []
-    assert l2_entry(redis_client, namespace, rc.SWR, key).value == {"gen": "new", "n": 1}
+    assert l2_value(redis_client, namespace, rc.SWR, key) == {"gen": "new", "n": 1}
 
     # Cluster-wide stats (DESIGN section 6): the web processes' counters and the worker's add
     # up in Redis. The resolver ran only in the worker, and is counted there.
@@ -435,7 +444,10 @@ def test_expired_key_four_processes_one_refresh_in_the_worker(
     stats_key = f"oqron:{namespace}:stats:{rc.SWR}"
     deadline = time.monotonic() + 5  # every process flushes at least once a second
     while True:
-        raw = {k.decode(): float(v) for k, v in redis_client.hgetall(stats_key).items()}
+        raw = {
+            k.decode(): float(v)
+            for k, v in cast("dict[bytes, bytes]", redis_client.hgetall(stats_key)).items()
+        }
         total = view(raw)
         if total["refreshes_succeeded"] == 1 and total["gets"] >= web_gets:
             break
@@ -482,7 +494,7 @@ def test_a_set_racing_a_refresh_in_the_worker_wins(
     ctl.flag(None)  # the resolver returns {"gen": "new"}, computed before the set
     worker.wait_for(_outcome(rc.SWR, key, "conflict"))
     assert ctl.calls == 1
-    assert l2_entry(redis_client, namespace, rc.SWR, key).value == written
+    assert l2_value(redis_client, namespace, rc.SWR, key) == written
     for seen in _poll_all([writer, reader], rc.SWR, key, until=written, deadline=2):
         assert seen["ok"], seen  # (allowing the bus its delay)
         assert seen["errors"] == []
@@ -741,7 +753,7 @@ def test_broker_hanging_bounds_the_enqueue_and_a_late_message_is_harmless(
     # The late message reaches the worker, which must not refresh (or overwrite) the key again.
     worker.wait_for(_outcome(rc.SWR, key, "superseded"), timeout=20)
     assert ctl.calls == 1
-    assert l2_entry(redis_client, namespace, rc.SWR, key).value == {"gen": "new", "n": 1}
+    assert l2_value(redis_client, namespace, rc.SWR, key) == {"gen": "new", "n": 1}
     _report(
         f"broker hanging: refreshed in the web process {took * 1000:.0f} ms after the first "
         "stale read; the late task was superseded in the worker"
@@ -837,12 +849,13 @@ def test_invalidation_tasks_sent_by_name_reach_l2_and_every_l1(
         assert web.ask("value", cmd="read", cache=rc.PLAIN, key=key)["value"] == value  # in L1
         assert l2_entry(redis_client, namespace, rc.PLAIN, key) is not None
 
-    good = [
+    good: list[tuple[str, list[Any]]] = [
         ("oqron_cache.invalidate", [rc.PLAIN, [keys["one"]]]),
         ("oqron_cache.invalidate_pattern", [rc.PLAIN, f"pat-{run}-*"]),
         ("oqron_cache.invalidate_by_tag", [rc.PLAIN, tag]),
     ]
-    bad = [  # logged and dropped (acked, not retried); the worker goes on
+    # Logged and dropped (acked, not retried); the worker goes on.
+    bad: list[tuple[str, list[Any]]] = [
         ("oqron_cache.invalidate_by_tag", [rc.PLAIN, 123]),
         ("oqron_cache.invalidate_pattern", [rc.PLAIN, "*"]),
         ("oqron_cache.invalidate", ["no_such_cache", ["x"]]),
@@ -861,7 +874,7 @@ def test_invalidation_tasks_sent_by_name_reach_l2_and_every_l1(
         assert l2_entry(redis_client, namespace, rc.PLAIN, key) is None, name
         (seen,) = _poll_all([web], rc.PLAIN, key, until=None, deadline=5)
         assert seen["ok"], (name, seen)  # the web process's L1 copy is gone: a miss
-    assert l2_entry(redis_client, namespace, rc.PLAIN, keys["keep"]).value["v"] == "keep"
+    assert l2_value(redis_client, namespace, rc.PLAIN, keys["keep"])["v"] == "keep"
     assert web.ask("value", cmd="read", cache=rc.PLAIN, key=keys["keep"])["value"]["v"] == "keep"
 
 
@@ -905,7 +918,7 @@ def test_resolver_raising_in_the_worker_serves_stale_without_a_retry_storm(
     assert ctl.calls == worker.count(_outcome(rc.FAIL, key, "failed"))
     assert worker.count(_outcome(rc.FAIL, key, r"(?!failed)\w+")) == 0
     assert worker.proc.poll() is None
-    assert l2_entry(redis_client, namespace, rc.FAIL, key).value == OLD  # never overwritten
+    assert l2_value(redis_client, namespace, rc.FAIL, key) == OLD  # never overwritten
     stats = _stats(cluster.webs, rc.FAIL)
     assert sum(s["resolver_calls"] for s in stats) == 0  # only the worker tried
     assert sum(s["enqueue_failures"] for s in stats) == 0

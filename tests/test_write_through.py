@@ -31,7 +31,7 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 import redis
@@ -165,20 +165,20 @@ class Origin:
         return wt.test_key(self.namespace, part)
 
     def value(self, key: str) -> Any:
-        raw = self.client.hget(self._k("origin"), key)
+        raw = cast("bytes | None", self.client.hget(self._k("origin"), key))
         return None if raw is None else json.loads(raw)
 
     def writes(self, key: str | None = None) -> list[tuple[str, Any]]:
         """Every write the origin accepted, in order: ``(key, value)``."""
         out = []
-        for raw in self.client.lrange(self._k("origin:log"), 0, -1):
+        for raw in cast("list[bytes]", self.client.lrange(self._k("origin:log"), 0, -1)):
             k, text = raw.decode().split(" ", 1)
             if key is None or k == key:
                 out.append((k, json.loads(text)))
         return out
 
     def attempts(self, key: str) -> int:
-        return int(self.client.hget(self._k("attempts"), key) or 0)
+        return int(cast("bytes | None", self.client.hget(self._k("attempts"), key)) or 0)
 
     def flag(self, key: str, mode: str | None) -> None:
         if mode is None:
@@ -190,7 +190,7 @@ class Origin:
         """Wait until a call for ``key`` is blocked at ``at``; return its ``pid``/``ppid``."""
         deadline = time.monotonic() + timeout
         while True:
-            raw = self.client.hget(self._k("where"), key)
+            raw = cast("bytes | None", self.client.hget(self._k("where"), key))
             if raw is not None and json.loads(raw)["at"] == at:
                 where: dict[str, Any] = json.loads(raw)
                 return where
@@ -278,7 +278,7 @@ def _key(prefix: str) -> str:
 
 def _l2(client: redis.Redis, namespace: str, key: str) -> tuple[Any, bytes] | None:
     """``(value, version)`` of ``key`` in L2 (wtc_main), or None."""
-    raw = client.get(KeySpace(namespace, wt.MAIN, 200).value(key))
+    raw = cast("bytes | None", client.get(KeySpace(namespace, wt.MAIN, 200).value(key)))
     if raw is None:
         return None
     entry, _, payload = unpack(raw)

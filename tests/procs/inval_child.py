@@ -51,7 +51,7 @@ import threading
 import time
 import traceback
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import redis
 
@@ -90,7 +90,7 @@ def make_resolver(
     flag_key = control_key(namespace, cache, "flag")
 
     def resolver(key: str) -> dict[str, Any]:
-        n = int(raw.incr(gen_key))
+        n = int(cast(int, raw.incr(gen_key)))
         if raw.get(flag_key) == b"block":
             if on_start is not None:
                 on_start(key, n)
@@ -270,7 +270,12 @@ def ping_loop(url: str) -> None:
     client = redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=5)
     client.ping()
     stop = threading.Event()
-    threading.Thread(target=lambda: (sys.stdin.readline(), stop.set()), daemon=True).start()
+
+    def stop_on_line() -> None:
+        sys.stdin.readline()
+        stop.set()
+
+    threading.Thread(target=stop_on_line, daemon=True).start()
     emit("ready")
     latencies: list[float] = []
     while not stop.is_set():

@@ -28,7 +28,7 @@ import json
 import os
 import threading
 import time
-from typing import Any
+from typing import Any, cast
 
 import redis
 
@@ -82,9 +82,9 @@ def _resolve(cache: str, key: str) -> dict[str, Any]:
         return control_key(settings.namespace, cache, key, part)
 
     started = time.monotonic()
-    n = int(raw.incr(ctl("calls")))
+    n = int(cast(int, raw.incr(ctl("calls"))))
     raw.set(ctl("where"), json.dumps({"pid": os.getpid(), "ppid": os.getppid(), "n": n}))
-    flag = (raw.get(ctl("flag")) or b"").decode()
+    flag = (cast("bytes | None", raw.get(ctl("flag"))) or b"").decode()
     if flag == "block":
         deadline = time.monotonic() + BLOCK_LIMIT
         while raw.get(ctl("flag")) == b"block" and time.monotonic() < deadline:

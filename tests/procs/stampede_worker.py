@@ -34,7 +34,7 @@ import sys
 import threading
 import time
 import traceback
-from typing import Any
+from typing import Any, cast
 
 import redis
 
@@ -68,10 +68,13 @@ def _watchdog(lifetime: float, watch_stdin: bool) -> None:
 
 def _stampede(args: argparse.Namespace, raw: redis.Redis) -> None:
     def resolver(key: str) -> dict[str, Any]:
-        n = int(raw.incr(args.counter))
+        n = int(cast(int, raw.incr(args.counter)))
         # Hold the load until every process has started calling, so they really contend.
         deadline = time.monotonic() + 10
-        while int(raw.get(args.started) or 0) < args.processes and time.monotonic() < deadline:
+        while (
+            int(cast("bytes | None", raw.get(args.started)) or 0) < args.processes
+            and time.monotonic() < deadline
+        ):
             time.sleep(0.001)
         time.sleep(args.sleep)
         return {"key": key, "n": n}

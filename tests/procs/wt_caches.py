@@ -41,7 +41,7 @@ import sys
 import threading
 import time
 import traceback
-from typing import Any
+from typing import Any, cast
 
 import redis
 
@@ -86,7 +86,10 @@ def _block(client: redis.Redis, namespace: str, key: str, mode: str) -> None:
     client.hset(test_key(namespace, "where"), key, json.dumps(where))
     deadline = time.monotonic() + BLOCK_LIMIT
     flags = test_key(namespace, "flags")
-    while client.hget(flags, key) == mode.encode() and time.monotonic() < deadline:
+    while (
+        cast("bytes | None", client.hget(flags, key)) == mode.encode()
+        and time.monotonic() < deadline
+    ):
         time.sleep(0.005)
     client.hdel(test_key(namespace, "where"), key)
 
@@ -94,8 +97,8 @@ def _block(client: redis.Redis, namespace: str, key: str, mode: str) -> None:
 def origin_write(key: str, value: Any) -> None:
     """The write-through function: the origin accepts (or refuses) ``value`` for ``key``."""
     client, namespace = _context()
-    attempt = int(client.hincrby(test_key(namespace, "attempts"), key, 1))
-    flag = (client.hget(test_key(namespace, "flags"), key) or b"").decode()
+    attempt = int(cast(int, client.hincrby(test_key(namespace, "attempts"), key, 1)))
+    flag = (cast("bytes | None", client.hget(test_key(namespace, "flags"), key)) or b"").decode()
     if flag == "reject":
         raise OriginRejected(f"origin refuses {key} (attempt {attempt})")
     if flag.startswith("fail:") and attempt <= int(flag[5:]):
@@ -121,7 +124,7 @@ def origin_write(key: str, value: Any) -> None:
 def cache_gate(key: str, value: Any) -> list[str]:
     """The ``tags`` function: no tags, but the cache link blocks here on ``block-cache``."""
     client, namespace = _context()
-    if client.hget(test_key(namespace, "flags"), key) == b"block-cache":
+    if cast("bytes | None", client.hget(test_key(namespace, "flags"), key)) == b"block-cache":
         _block(client, namespace, key, "block-cache")
     return []
 
