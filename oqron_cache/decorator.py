@@ -11,7 +11,7 @@ from __future__ import annotations
 import functools
 import inspect
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any, Generic, ParamSpec, Protocol, TypeVar, cast
+from typing import Any, Generic, ParamSpec, Protocol, TypeVar, cast, overload
 
 from .durations import Duration, parse_duration
 from .frontend import Cache, cache
@@ -28,8 +28,20 @@ class CachedFunction(Protocol[P, R]):
     cache: Cache
     original: Callable[P, R]
     __wrapped__: Callable[P, R]
+    __name__: str
+    __qualname__: str
 
     def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R: ...
+
+    # A plain function, so a decorated method binds like one: ``A().method()`` passes self. The
+    # bound form is typed loosely (a ParamSpec cannot drop its first parameter); the controls
+    # (``invalidate``, ``refresh``, ...) take self explicitly: ``A.method.invalidate(a, ...)``.
+    @overload
+    def __get__(
+        self, instance: None, owner: type[Any] | None = None, /
+    ) -> CachedFunction[P, R]: ...
+    @overload
+    def __get__(self, instance: object, owner: type[Any] | None = None, /) -> Callable[..., R]: ...
 
     def key_for(self, *args: P.args, **kwargs: P.kwargs) -> str:
         """The cache key of a call with these arguments."""
