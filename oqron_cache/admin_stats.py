@@ -34,7 +34,7 @@ from .metrics import view
 
 def _read_stats(client: redis.Redis, namespace: str, only: str | None) -> dict[str, dict[str, Any]]:
     """Stats by cache name (sorted): of ``only``, or of every cache with a stats hash."""
-    prefix = f"oqron:{namespace}:stats:"
+    prefix = stats_key(namespace, "")  # what every cache's stats hash starts with
     keys: list[bytes | str]
     if only is not None:
         keys = [stats_key(namespace, only)]

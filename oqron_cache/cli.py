@@ -17,10 +17,8 @@ import threading
 from collections.abc import Sequence
 
 from . import __version__
-from .admin import _bounded_int
+from .admin import DEFAULT_REDIS_URL, _bounded_int
 from .errors import ConfigurationError
-
-DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 
 _DEMO_DESCRIPTION = """\
 Show stampede protection and background refresh at work. Three phases, each a burst of
