@@ -10,15 +10,21 @@ task names). Everything it needs comes from the environment the worker is given:
 
 The resolver's value carries ``gen``, the call count of its key after this call, so a reader can
 tell a refreshed value from the one it replaced.
+
+It also holds the benchmarks' *floor* of a Celery refresh, :func:`bare_refresh` (task
+``bench.bare_refresh``): the same resolver run by a plain Celery task that stores the value and
+announces it, value included, in one round trip, with no library in between.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from typing import Any
 
 import redis
+from celery import shared_task
 
 import oqron_cache
 from oqron_cache import MemoryTier, RedisTier, Stampede
@@ -69,3 +75,28 @@ bench_cache = oqron_cache.cache(
     stampede=Stampede(enabled=True, lock_ttl=LOCK_TTL, stale_while_revalidate=True),
     resolver=resolve,
 )
+
+
+BARE_TASK = "bench.bare_refresh"
+
+
+def bare_names(namespace: str, key: str) -> tuple[str, str, str]:
+    """The floor's Redis names for ``key``: its value, its lock, the channel announcing it."""
+    return f"{namespace}:bare:{key}", f"{namespace}:bare-lock:{key}", f"{namespace}:bare"
+
+
+def bare_refresh(key: str) -> None:
+    """The floor of a Celery refresh: run the resolver; then, in one round trip, store the value,
+    announce it with the value in the message (each process takes it from there, no re-read)
+    and drop the lock. No envelope, no version check, no re-check before the resolver."""
+    value_key, lock_key, channel = bare_names(os.environ["OQRON_NAMESPACE"], key)
+    payload = json.dumps(resolve(key))
+    pipe = _counter().pipeline(transaction=False)
+    pipe.set(value_key, payload, ex=3600)
+    pipe.publish(channel, json.dumps({"k": key, "v": payload}))
+    pipe.delete(lock_key)
+    pipe.execute()
+
+
+# A shared task: registered on every Celery app of the process, the worker's included.
+shared_task(name=BARE_TASK, ignore_result=True)(bare_refresh)

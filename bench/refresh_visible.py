@@ -11,7 +11,11 @@ every 0.5 ms (a busy key). The first of those reads, in whichever process, start
   first stale read starts the runner thread in its own process; no L1, so every process sees
   the value once the runner's SET lands;
 * **cashews** ``@cache.early`` on Redis: the first stale read's process recomputes in a task;
-  no L1 either.
+  no L1 either;
+* **celery** (the floor, context, not a peer): a plain Celery task on the same worker, app and
+  queue runs the same resolver and publishes the new value itself, which each process takes
+  from the message (:mod:`bench.bare_celery`). What Celery and this machine cost a refresh at
+  the least; oqron's figure minus this one is what the library adds.
 
 Per round and library: from the start of the first stale read (any process) to the end of the
 read that first returned the new value in the *last* process to see it. CLOCK_MONOTONIC is
@@ -44,8 +48,10 @@ from .common import (
 )
 from .procs import CeleryWorker, Pool
 from .refresh_caches import NAME, TTL, counter_key
-from .refresh_web import LIBRARIES, POLL, Web
+from .refresh_web import LIBRARIES as PEERS
+from .refresh_web import POLL, Web
 
+LIBRARIES = ("celery", *PEERS)  # "celery": the floor, a bare Celery task (bench.bare_celery)
 TARGET_ABOVE_RESOLVER_MS = 10.0
 WATCH_TIMEOUT = 10.0
 
@@ -158,6 +164,16 @@ def _round(
     return result
 
 
+def _above_floor(results: dict[str, list[Round]]) -> list[float]:
+    """oqron's time minus the floor's, per round (the two run back to back in each round)."""
+    pairs = zip(results.get("oqron", []), results.get("celery", []), strict=False)
+    return [
+        o.everywhere_ms - f.everywhere_ms
+        for o, f in pairs
+        if o.everywhere_ms is not None and f.everywhere_ms is not None
+    ]
+
+
 def _ms(value: float | None) -> str:
     return "none" if value is None else f"{value:.1f}ms"
 
@@ -228,6 +244,16 @@ def report(
         for stage, text in stages.items():
             values = [r.stages_ms[stage] for r in rs if stage in r.stages_ms]
             stage_rows.append((text, _stat(values, 0.5), _stat(values, 0.99)))
+        above = _above_floor(results)
+        if above:
+            stage_rows.append(
+                (
+                    "oqron minus the bare Celery floor, round by round (what the library adds: "
+                    "lock and L2 re-read, re-check, compare-and-set, L1 eviction and re-read)",
+                    _stat(above, 0.5),
+                    _stat(above, 0.99),
+                )
+            )
     rounds = len(next(iter(results.values())))
     body = "\n".join(
         [

@@ -10,7 +10,9 @@ way a service would:
   so the runner thread can release it) and an ``async_creation_runner`` that recomputes in a new
   thread (the documented pattern); ``expiration_time=1``;
 * **cashews**: ``@cache.early(ttl="1h", early_ttl=1)`` on Redis, driven by one asyncio loop;
-* **floor** (stampede only, context): a dict lookup under a lock, no library.
+* **floor** (stampede only, context): a dict lookup under a lock, no library;
+* **celery** (refresh_visible only, context): the floor of a refresh through Celery, a plain
+  task on the same app and worker (:mod:`bench.bare_celery`).
 
 Every resolver does the same: ``INCR <namespace>:calls:<key>``, sleep (50 ms), return the value of
 the new generation (:func:`bench.refresh_caches.make_value`), so a reader can tell new from stale.
@@ -26,6 +28,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from oqron_cache.enqueue import REFRESH_QUEUE
+
+from .bare_celery import BareRefresh
 from .refresh_caches import TTL, counter_key, make_value
 
 POLL = 0.0005  # seconds between two reads of a process waiting to see a new value
@@ -148,6 +153,7 @@ class Web:
         self._floor_lock = threading.Lock()
         self._floor: dict[str, Any] = {}
         self._setup_oqron(broker_url)
+        self.bare = BareRefresh(self.app, url, namespace, REFRESH_QUEUE)
         self._setup_dogpile()
         self._setup_cashews()
 
@@ -170,6 +176,7 @@ class Web:
             broker_connection_retry_on_startup=True,
         )
         oqron_cache.configure(redis_url=self.url, celery_app=app, namespace=self.namespace)
+        self.app = app
         self.oqron = bench_cache
 
     def _resolve(self, key: str) -> dict[str, Any]:
@@ -236,6 +243,8 @@ class Web:
         if library == "floor":
             with self._floor_lock:
                 return self._floor[key]
+        if library == "celery":
+            return self.bare.read(key)
         raise ValueError(f"unknown library {library!r}")
 
     # ------------------------------------------------------------------ steps
@@ -257,6 +266,8 @@ class Web:
 
             values = self.loop.run_until_complete(fill())
             return {v["key"]: v["gen"] for v in values}
+        if library == "celery":
+            return self.bare.prefill(keys)
         raise ValueError(f"unknown library {library!r}")
 
     def warm(self, library: str, keys: list[str], gens: dict[str, int]) -> int:
@@ -265,6 +276,8 @@ class Web:
             with self._floor_lock:
                 self._floor.update({k: make_value(k, gens[k]) for k in keys})
             return 0
+        if library == "celery":
+            return self.bare.warm(keys, gens)
         wrong = 0
         for key in keys:
             if self.read(library, key) != make_value(key, gens[key]):
@@ -347,6 +360,7 @@ class Web:
 
         if self.callers is not None:
             self.callers.stop()
+        self.bare.close()
         oqron_cache.reset()
 
         async def drain() -> None:  # cashews' background tasks (recomputes, lock deletes)
