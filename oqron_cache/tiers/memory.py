@@ -55,16 +55,29 @@ class L1Item:
 
 
 class _CountingLRU(LRUCache[str, L1Item]):
-    """An LRUCache that counts capacity evictions (``popitem`` is only called for those)."""
+    """An LRUCache that counts capacity evictions: the ``popitem`` calls made to make room.
+
+    cachetools before 6 empties a cache in ``clear()`` through ``popitem`` too (the mixin's
+    generic clear); those are not evictions, so they are not counted.
+    """
 
     evictions = 0
     on_evict: Callable[[], None] | None = None
+    _clearing = False
 
     def popitem(self) -> tuple[str, L1Item]:
-        self.evictions += 1
-        if self.on_evict is not None:
-            self.on_evict()
+        if not self._clearing:
+            self.evictions += 1
+            if self.on_evict is not None:
+                self.on_evict()
         return super().popitem()
+
+    def clear(self) -> None:
+        self._clearing = True  # callers hold the store's lock
+        try:
+            super().clear()
+        finally:
+            self._clearing = False
 
 
 class MemoryStore:
