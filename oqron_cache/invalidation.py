@@ -17,7 +17,7 @@ neither blocks Redis nor is loaded into memory at once.
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, cast
 
 from .entry import FLAG_TOMBSTONE, Entry, new_version, pack
 from .keys import Glob
@@ -25,6 +25,7 @@ from .tiers.redis import L2Unavailable
 
 if TYPE_CHECKING:
     from .stack import CacheStack
+    from .tiers.base import L2Store
 
 log = logging.getLogger("oqron_cache")
 
@@ -165,7 +166,7 @@ def invalidate_pattern(stack: CacheStack, glob: Glob, scan_count: int, batch: in
     return removed
 
 
-def _unlink_values(l2: Any, keys: list[bytes]) -> int:
+def _unlink_values(l2: L2Store, keys: list[bytes]) -> int:
     """UNLINK value keys; count the live entries among them (tombstones are not entries)."""
     keys = list(dict.fromkeys(keys))  # SCAN may return a key twice
     pipe = l2.conn.client.pipeline(transaction=False)

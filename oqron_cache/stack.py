@@ -25,8 +25,9 @@ from .metrics import LATENCY_SAMPLE, Stats
 from .options import CacheOptions
 from .serializers import Codec
 from .store import MAX_TAG_BYTES, NEVER, encode, make_entry, remove, store, write
-from .tiers.memory import L1Item, MemoryStore
-from .tiers.redis import L2Unavailable, RedisStore
+from .tiers.base import L1Store, L2Store
+from .tiers.memory import L1Item
+from .tiers.redis import L2Unavailable
 
 if TYPE_CHECKING:
     from .refresh import Job
@@ -58,8 +59,8 @@ class CacheStack:
         self,
         opts: CacheOptions,
         codec: Codec,
-        l1: MemoryStore | None,
-        l2: RedisStore | None,
+        l1: L1Store | None,
+        l2: L2Store | None,
         runtime: Runtime | None,
         stats: Stats,
         clock: Callable[[], float],

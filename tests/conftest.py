@@ -16,6 +16,7 @@ from typing import Any, Protocol, TypeVar
 import pytest
 import redis
 
+from oqron_cache.testing import FakeClock as FakeClock  # noqa: PLC0414 - re-exported for tests
 from tests.redis_server import RedisServer, delete_namespace
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
@@ -126,19 +127,6 @@ class Closing(Protocol):
     """
 
     def __call__(self, obj: T, /) -> T: ...
-
-
-class FakeClock:
-    """A wall clock that only moves when told to (``tick``)."""
-
-    def __init__(self, start: float = 1_800_000_000.0) -> None:
-        self.now = start
-
-    def __call__(self) -> float:
-        return self.now
-
-    def tick(self, seconds: float) -> None:
-        self.now += seconds
 
 
 @pytest.fixture
