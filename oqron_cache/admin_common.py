@@ -12,9 +12,8 @@ import contextlib
 from collections.abc import Iterator
 
 import redis
-from redis.backoff import NoBackoff
-from redis.retry import Retry
 
+from .clients import connect
 from .config import mask_url, validate_redis_url
 from .errors import ConfigurationError
 from .keys import validate_cache_name
@@ -76,12 +75,10 @@ def _redis(args: argparse.Namespace) -> Iterator[redis.Redis]:
     url = args.redis_url
     try:
         validate_redis_url(url)
-        client = redis.Redis.from_url(
+        client = connect(
             url,
             socket_timeout=args.timeout,
-            socket_connect_timeout=args.timeout,
-            retry=Retry(NoBackoff(), 1),
-            retry_on_timeout=False,
+            connect_timeout=args.timeout,
             client_name="oqron-cache-admin",
         )
     except (ConfigurationError, TypeError, ValueError) as exc:

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qs, urlsplit, urlunsplit
 
+from .clients import check_url
 from .durations import Duration, parse_duration
 from .errors import ConfigurationError
 from .keys import validate_namespace
@@ -37,7 +38,7 @@ def mask_url(url: str) -> str:
     if parts.password is not None:
         # Keep the host part exactly as written (IPv6 brackets, port).
         netloc = f"{parts.username or ''}:***@{netloc.rpartition('@')[2]}"
-    query = re.sub(r"(?i)((?:^|&)password=)[^&]*", r"\1***", parts.query)
+    query = re.sub(r"(?i)((?:^|&)(?:sentinel_)?password=)[^&]*", r"\1***", parts.query)
     if netloc == parts.netloc and query == parts.query:
         return url
     return urlunsplit(parts._replace(netloc=netloc, query=query))
@@ -53,15 +54,18 @@ def validate_redis_url(url: object) -> str:
             f"redis_url {mask_url(url)!r} has no scheme; "
             "use redis://host:port/db or rediss:// for TLS"
         )
-    if parts.scheme in ("redis+sentinel", "redis+cluster"):
+    if parts.scheme in ("redis+sentinel", "rediss+sentinel"):
+        check_url(url)
+        return url
+    if parts.scheme == "redis+cluster":
         raise ConfigurationError(
             f"redis_url scheme {parts.scheme!r} is not supported yet; "
-            "use redis://, rediss:// or unix://"
+            "use redis://, rediss://, unix:// or redis+sentinel://"
         )
     if parts.scheme not in _SCHEMES:
         raise ConfigurationError(
             f"redis_url scheme {parts.scheme!r} is not a Redis scheme; "
-            "use redis://, rediss:// or unix://"
+            "use redis://, rediss://, unix:// or redis+sentinel://"
         )
     if parts.scheme == "rediss":
         reqs = parse_qs(parts.query).get("ssl_cert_reqs", [""])[0].lower()

@@ -19,9 +19,8 @@ from collections.abc import Callable
 from typing import Any
 
 import redis
-from redis.backoff import NoBackoff
-from redis.retry import Retry
 
+from .clients import connect
 from .config import current_runtime
 from .frontend import Cache, cache
 from .options import MemoryTier, RedisTier
@@ -45,13 +44,7 @@ def worker_field(key: str) -> str:
 
 def quiet_client(url: str, timeout: float) -> redis.Redis:
     """A client for the demo's own calls: short timeouts, no retries."""
-    return redis.Redis.from_url(
-        url,
-        socket_timeout=timeout,
-        socket_connect_timeout=timeout,
-        retry=Retry(NoBackoff(), 0),
-        retry_on_timeout=False,
-    )
+    return connect(url, socket_timeout=timeout, connect_timeout=timeout, retries=0)
 
 
 def _in_refresh_task() -> bool:

@@ -15,13 +15,12 @@ from typing import TYPE_CHECKING, Any, cast
 from urllib.parse import urlsplit
 
 import redis
-from redis.backoff import NoBackoff
 from redis.exceptions import AuthenticationError, ResponseError
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.retry import Retry
 
 from .breaker import CircuitBreaker
 from .bus import Bus
+from .clients import connect
 from .config import Settings, is_tls_failure, mask_url
 from .errors import ConfigurationError, NotConfiguredError
 from .keys import KeySpace, bus_channel
@@ -44,15 +43,14 @@ def make_client(settings: Settings, retries: int = 1) -> redis.Redis:
 
     redis-py 6 retries 3 times with backoff by default (about 9 s against a paused server); we
     retry once, without backoff, and only on connection errors (a stale pooled connection after a
-    server restart), never on timeouts.
+    server restart or a Sentinel failover), never on timeouts.
     """
     assert settings.redis_url is not None
-    return redis.Redis.from_url(
+    return connect(
         settings.redis_url,
         socket_timeout=settings.op_timeout,
-        socket_connect_timeout=settings.connect_timeout,
-        retry=Retry(NoBackoff(), retries, supported_errors=(RedisConnectionError,)),
-        retry_on_timeout=False,
+        connect_timeout=settings.connect_timeout,
+        retries=retries,
         client_name="oqron-cache",
         max_connections=256,
     )
@@ -129,6 +127,8 @@ class Runtime:
         broker = str(app.conf.broker_url or "")
         if not broker.startswith(("redis://", "rediss://", "unix://")):
             return
+        if not str(self.settings.redis_url or "").startswith(("redis://", "rediss://", "unix://")):
+            return  # a sentinel-managed master: its address is not in the URL
         same = urlsplit(broker)._replace(path="", query="", fragment="")
         ours = urlsplit(self.settings.redis_url or "")._replace(path="", query="", fragment="")
         if (same.hostname, same.port) != (ours.hostname, ours.port):

@@ -454,3 +454,45 @@ class RedisServer:
             return "timeout"
         finally:
             probe.close()
+
+
+class SentinelServer(RedisServer):
+    """A private Redis Sentinel (``redis-server <conf> --sentinel``) monitoring one master.
+
+    ``SentinelServer(master_port=m.port)`` watches the master at 127.0.0.1:<m.port> under the
+    name ``service`` (quorum 1, so this one sentinel can fail it over). Its configuration file
+    lives in the server's temporary directory, where Sentinel rewrites it.
+    """
+
+    def __init__(self, *, master_port: int, service: str = "mymaster", **kwargs: Any) -> None:
+        self.master_port = master_port
+        self.service = service
+        super().__init__(**kwargs)
+
+    def _argv(self) -> list[str]:
+        conf = self.dir / "sentinel.conf"
+        if not conf.exists():  # Sentinel rewrites it; a restart keeps what it learned
+            conf.write_text(
+                f"sentinel monitor {self.service} {HOST} {self.master_port} 1\n"
+                f"sentinel down-after-milliseconds {self.service} 1000\n"
+                f"sentinel failover-timeout {self.service} 10000\n"
+                "sentinel resolve-hostnames no\n"
+            )
+        return [
+            REDIS_SERVER_BIN, str(conf), "--sentinel",
+            "--port", str(self.port),
+            "--bind", HOST,
+            "--daemonize", "no",
+            "--dir", str(self.dir),
+        ]  # fmt: skip
+
+    def master(self) -> tuple[str, int]:
+        """The master's address as this sentinel sees it now."""
+        with self._admin() as admin:
+            host, port = admin.execute_command("SENTINEL", "GET-MASTER-ADDR-BY-NAME", self.service)
+        return str(host.decode() if isinstance(host, bytes) else host), int(port)
+
+    def failover(self) -> None:
+        """``SENTINEL FAILOVER``: promote a replica now (no agreement needed)."""
+        with self._admin() as admin:
+            admin.execute_command("SENTINEL", "FAILOVER", self.service)

@@ -846,7 +846,9 @@ def test_row15_bad_max_size(site: str, value: Any, error: type) -> None:
         ("http://x", "not a Redis scheme"),
         ("http://:hunter2@x:6379", "not a Redis scheme"),
         ("ftp://user:hunter2@x", "not a Redis scheme"),
-        ("redis+sentinel://:hunter2@x/mymaster", "not supported"),
+        ("redis+cluster://:hunter2@x:6379", "not supported"),
+        ("redis+sentinel://:hunter2@x", "no service name"),
+        ("redis+sentinel://:hunter2@x:port/mymaster", "not a port number"),
     ],
 )
 def test_row17_bad_redis_url(no_configuration: None, url: str, words: str) -> None:

@@ -2,8 +2,12 @@
 
 Configured from the environment:
 
-* ``OQRON_REDIS_URL`` (default ``redis://127.0.0.1:6379/0``): the cache's Redis.
-* ``OQRON_BROKER_URL`` (default: the Redis URL): the Celery broker (``redis://`` or ``amqp://``).
+* ``OQRON_REDIS_URL`` (default ``redis://127.0.0.1:6379/0``): the cache's Redis, also
+  ``redis+sentinel://sentinel1:26379,sentinel2:26379/<service>/<db>`` (see
+  :mod:`oqron_cache.clients`).
+* ``OQRON_BROKER_URL`` (default: the Redis URL, in Celery's form: a sentinel URL becomes
+  kombu's ``sentinel://`` URLs with the ``master_name`` transport option): the Celery broker
+  (``redis://``, ``sentinel://`` or ``amqp://``).
 * ``OQRON_NAMESPACE`` (default ``oqron``): the key namespace, the same as the web processes'.
 * ``OQRON_CACHE_MODULES``: comma-separated modules to import, so their caches (declared with
   ``cache(...)`` or ``@refreshing_cache``) are in this worker's registry. A refresh task names a
@@ -24,14 +28,20 @@ import os
 from celery import Celery
 
 import oqron_cache
+from oqron_cache.clients import celery_broker
 
 redis_url = os.environ.get("OQRON_REDIS_URL", "redis://127.0.0.1:6379/0")
-broker_url = os.environ.get("OQRON_BROKER_URL", redis_url)
+# The cache's Redis in Celery's form (a redis+sentinel:// URL becomes kombu's sentinel://).
+broker_url, _transport = celery_broker(redis_url)
+if os.environ.get("OQRON_BROKER_URL"):
+    broker_url, _transport = os.environ["OQRON_BROKER_URL"], {}
 
 app = Celery("oqron_workers", broker=broker_url)
 _visibility = os.environ.get("OQRON_VISIBILITY_TIMEOUT")
 if _visibility:
-    app.conf.broker_transport_options = {"visibility_timeout": float(_visibility)}
+    _transport["visibility_timeout"] = float(_visibility)
+if _transport:
+    app.conf.broker_transport_options = _transport
 app.conf.update(
     task_serializer="json",
     accept_content=["json"],
