@@ -353,7 +353,8 @@ def render_section(report: Report, info: Mapping[str, str], stamp: str) -> str:
 RESULTS_PREAMBLE = """# Benchmark results
 
 Written by `bench/` (see bench/README.md): `.venv/bin/python -m bench.run` rewrites this whole
-file; running one benchmark (`.venv/bin/python -m bench.l1_hit`) replaces only its section.
+file; running one benchmark (`.venv/bin/python -m bench.l1_hit`) replaces only its section and
+its rows in the summary of targets (marked "run alone").
 """
 
 
@@ -370,8 +371,37 @@ def update_section(report: Report, url: str | None = None, path: Path = RESULTS)
         text = pattern.sub(lambda _m: section, text)
     else:
         text = text.rstrip("\n") + "\n\n" + section + "\n"
-    path.write_text(text)
+    path.write_text(_retarget(text, report, stamp))
     print(f"updated section {report.key!r} of {path}")
+
+
+_TARGETS = re.compile(r"^## Targets \((?P<scope>[^)]*)\): \d+ of \d+ pass\n\n((?:\|.*\n)+)", re.M)
+
+
+def _retarget(text: str, report: Report, stamp: str) -> str:
+    """Replace ``report``'s rows in the summary of targets at the top (a full run's table), so
+    it never contradicts the section a single run just rewrote; those rows say when they ran."""
+    found = _TARGETS.search(text)
+    if found is None or not report.checks:
+        return text
+    lines = found.group(2).splitlines()[2:]  # below the header and the rule
+    rows = [[cell.strip() for cell in line.strip().strip("|").split("|")] for line in lines]
+    mine = [
+        (
+            report.title,
+            c.target,
+            f"{c.measured} (run alone, {stamp})",
+            "PASS" if c.passed else "FAIL",
+        )
+        for c in report.checks
+    ]
+    at = next((i for i, row in enumerate(rows) if row[0] == report.title), len(rows))
+    rows = [row for row in rows if row[0] != report.title]
+    rows[at:at] = [list(row) for row in mine]
+    passed = sum(row[3] == "PASS" for row in rows)
+    table = markdown_table(["benchmark", "target", "measured", "result"], rows)
+    head = f"## Targets ({found.group('scope')}): {passed} of {len(rows)} pass\n\n"
+    return text[: found.start()] + head + table + "\n" + text[found.end() :]
 
 
 def write_results(

@@ -277,7 +277,11 @@ def report(
             "dogpile (with a value present it hands the mutex to the runner without reading "
             "again) nor cashews' `early` (SET NX, then `create_task`) looks at the value again "
             "after taking its lock. oqron takes the lock and re-reads the entry in one Lua call "
-            "and skips a refresh that already happened.",
+            "and skips a refresh that already happened. *celery* is the floor, not a peer: a "
+            "plain Celery task on the same app, queue, broker and worker runs the same resolver, "
+            "then stores and publishes the value in one round trip, and each process takes it "
+            "from the message (`bench/bare_celery.py`). It is what Celery and this machine cost "
+            "a refresh at the least; the last row of the stage table is oqron's time above it.",
             "",
             markdown_table(headers, rows),
             *(
