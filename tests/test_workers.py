@@ -18,11 +18,9 @@ The timings a test measured are printed (``pytest -s`` shows them).
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
 import time
@@ -42,9 +40,9 @@ from oqron_cache.tasks import refresh_task_prefix
 from tests.procs import ROOT, Child
 from tests.procs import refresh_caches as rc
 from tests.redis_server import RedisServer
+from tests.worker_process import WORKER_READY, WorkerProcess
 
 OLD = {"gen": "old"}
-WORKER_READY = 40.0  # seconds a worker may take to print "ready." on a loaded 2-core machine
 RABBIT = "amqp://guest:guest@127.0.0.1:5672"
 # A stale read must not wait for the broker, a lock or a resolver (all >= 500 ms here); reads
 # are L1 hits of well under 1 ms, so this only leaves room for a loaded 2-core machine.
@@ -53,93 +51,14 @@ READ_MAX_MS = 200
 
 # -- processes ----------------------------------------------------------------------------------
 
-# Loaded in the parent: dlopen() between fork and exec may deadlock in a threaded parent.
-_LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform == "linux" else None
-_PR_SET_PDEATHSIG = 1
 
-
-def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
-    """If pytest dies without its teardown, the worker's main process gets SIGKILL (its pool
-    children then see their pipe to it close and exit)."""
-    os.setsid()  # its own process group: killpg reaches the pool children
-    if _LIBC is not None:
-        _LIBC.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-
-
-class Worker:
-    """``celery -A workers worker`` in its own process group; its log goes to a file."""
+class Worker(WorkerProcess):
+    """A worker serving :mod:`tests.procs.refresh_caches` (see :class:`WorkerProcess`)."""
 
     def __init__(self, log_dir: Path, broker: str, redis_url: str, namespace: str) -> None:
-        self.name = f"w{uuid.uuid4().hex[:6]}"
-        self.log_path = log_dir / f"{self.name}.log"
-        env = {
-            **os.environ,
-            "OQRON_REDIS_URL": redis_url,
-            "OQRON_BROKER_URL": broker,
-            "OQRON_NAMESPACE": namespace,
-            "OQRON_CACHE_MODULES": "tests.procs.refresh_caches",
-            "PYTHONPATH": str(ROOT),
-            "PYTHONUNBUFFERED": "1",
-        }
-        with self.log_path.open("wb") as log:
-            self.proc = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "celery",
-                    "-A",
-                    "workers",
-                    "worker",
-                    "-l",
-                    "info",
-                    "-c",
-                    "2",
-                    "--pool",
-                    "prefork",
-                    "-n",
-                    f"{self.name}@%h",
-                    "--without-mingle",  # saves a 1 s neighbour search per start
-                ],
-                cwd=ROOT,
-                env=env,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                preexec_fn=_die_with_parent,  # noqa: PLW1509 - setsid + prctl only
-            )
-        self.pid = self.proc.pid
-
-    def log(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")
-        except OSError:
-            return ""
-
-    def wait_for(self, pattern: str, count: int = 1, timeout: float = 20.0) -> str:
-        """Wait until ``pattern`` (a regex) occurs ``count`` times in the log; return the log."""
-        deadline = time.monotonic() + timeout
-        while True:
-            text = self.log()
-            if len(re.findall(pattern, text)) >= count:
-                return text
-            if self.proc.poll() is not None:
-                raise AssertionError(f"worker exited (rc={self.proc.returncode}):\n{text[-4000:]}")
-            if time.monotonic() >= deadline:
-                raise AssertionError(f"{pattern!r} x{count} not in the worker log:\n{text[-4000:]}")
-            time.sleep(0.02)
-
-    def wait_ready(self) -> None:
-        self.wait_for(rf"{self.name}@\S+ ready\.", timeout=WORKER_READY)
-
-    def count(self, pattern: str) -> int:
-        return len(re.findall(pattern, self.log()))
-
-    def kill(self) -> None:
-        """SIGKILL the whole process group (main process and pool children) and reap the main."""
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.pid, signal.SIGKILL)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            self.proc.wait(timeout=10)
+        super().__init__(
+            log_dir, broker, redis_url, namespace, modules="tests.procs.refresh_caches"
+        )
 
 
 class Web(Child):

@@ -20,9 +20,6 @@ from __future__ import annotations
 import base64
 import contextlib
 import json
-import os
-import re
-import signal
 import subprocess
 import sys
 import threading
@@ -47,66 +44,28 @@ from oqron_cache.write_through import WriteThroughError, cache_link
 from tests.procs import ROOT
 from tests.procs import wt_caches as wt
 from tests.redis_server import delete_namespace
+from tests.worker_process import WorkerProcess
 
 RABBIT = "amqp://guest:guest@127.0.0.1:5672"
-WORKER_READY = 40.0  # seconds a worker may take to print "ready." on a loaded 2-core machine
 BACKOFF_TOTAL = 0.2 + 0.4 + 0.8 + 1.6 + 3.2  # the origin link's five retries
 
 
 # -- processes ----------------------------------------------------------------------------------
 
 
-class Worker:
-    """``celery -A workers worker -c 2`` in its own process group; its log goes to a file."""
+class Worker(WorkerProcess):
+    """A worker serving :mod:`tests.procs.wt_caches` (see :class:`WorkerProcess`)."""
 
     def __init__(self, log_dir: Path, broker: str, redis_url: str, namespace: str) -> None:
-        self.name = f"wt{uuid.uuid4().hex[:6]}"
-        self.log_path = log_dir / f"{self.name}.log"
-        env = {
-            **os.environ,
-            "OQRON_REDIS_URL": redis_url,
-            "OQRON_BROKER_URL": broker,
-            "OQRON_NAMESPACE": namespace,
-            "OQRON_CACHE_MODULES": "tests.procs.wt_caches",
-            "PYTHONPATH": str(ROOT),
-            "PYTHONUNBUFFERED": "1",
-        }
-        with self.log_path.open("wb") as log:
-            self.proc = subprocess.Popen(
-                [
-                    sys.executable, "-m", "celery", "-A", "workers", "worker", "-l", "info",
-                    "-c", "2", "--pool", "prefork", "-n", f"{self.name}@%h",
-                    "--without-mingle", "--without-gossip",
-                ],
-                cwd=ROOT,
-                env=env,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,  # its own process group: killpg reaches the children
-            )  # fmt: skip
-        self.pid = self.proc.pid
-
-    def log(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")
-        except OSError:
-            return ""
-
-    def wait_ready(self) -> None:
-        deadline = time.monotonic() + WORKER_READY
-        while not re.search(rf"{self.name}@\S+ ready\.", self.log()):
-            if self.proc.poll() is not None:
-                raise AssertionError(f"worker exited (rc={self.proc.returncode}):\n{self.log()}")
-            assert time.monotonic() < deadline, f"worker not ready:\n{self.log()[-3000:]}"
-            time.sleep(0.02)
-
-    def kill(self) -> None:
-        """SIGKILL the whole process group (main process and pool children) and reap it."""
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.pid, signal.SIGKILL)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            self.proc.wait(timeout=10)
+        super().__init__(
+            log_dir,
+            broker,
+            redis_url,
+            namespace,
+            modules="tests.procs.wt_caches",
+            prefix="wt",
+            extra_args=("--without-mingle", "--without-gossip"),
+        )
 
 
 class Reader:
