@@ -29,13 +29,11 @@ Run: ``.venv/bin/python -m bench.expired_stampede`` (``--help`` for options).
 from __future__ import annotations
 
 import argparse
-import time
 from dataclasses import dataclass
 
 from .common import (
     Check,
     Report,
-    bench_namespace,
     markdown_table,
     median,
     percentile,
@@ -43,9 +41,8 @@ from .common import (
     redis_url,
     update_section,
 )
-from .procs import CeleryWorker, Pool
-from .refresh_caches import TTL, counter_key
-from .refresh_web import Served, Web
+from .refresh_rig import Rig, refresh_rig
+from .refresh_web import Served
 
 LIBRARIES = ("floor", "oqron", "dogpile", "cashews")
 TARGET_P99_MS = 5.0
@@ -88,78 +85,36 @@ def run(
     url = url or redis_url()
     results: dict[str, list[RunResult]] = {lib: [] for lib in libraries}
     labels = ["w", *map(str, range(runs))]  # "w": the warm-up run
-    with (
-        bench_namespace(url) as (client, namespace),
-        CeleryWorker(
-            url,
-            namespace,
-            resolver_sleep=sleep,
-            extra_args=("--pool", worker_pool) if worker_pool else (),
-        ) as worker,
-    ):
-        pool = Pool(
-            Web,
-            processes,
-            url=url,
-            namespace=namespace,
-            broker_url=worker.broker_url,
-            threads=threads,
-            resolver_sleep=sleep,
-        )
-        try:
-            # Plus one key per process, refreshed by that process alone before the runs: a
-            # process's first refresh opens its broker connection (tens of ms), which a
-            # service does once in its life, not per refresh.
-            keys = {
-                lib: [f"{lib}-{x}" for x in [*labels, *(f"p{i}" for i in range(processes))]]
-                for lib in libraries
-            }
-            gens: dict[str, dict[str, int]] = {}
+    with refresh_rig(
+        url,
+        libraries=libraries,
+        labels=labels,
+        processes=processes,
+        sleep=sleep,
+        worker_pool=worker_pool,
+        watch_timeout=SETTLE_TIMEOUT,
+        threads=threads,
+    ) as rig:
+        for label in labels:
             for lib in libraries:
-                gens[lib] = (
-                    dict.fromkeys(keys[lib], 0)
-                    if lib == "floor"
-                    else pool.call_one(0, "prefill", lib, keys[lib])
+                key = rig.key(lib, label)
+                result = _one_run(rig, lib, key, rig.gens[lib][key])
+                if label == "w":
+                    continue
+                results[lib].append(result)
+                print(
+                    f"  run {label} {lib:8s} calls={result.resolver_calls} "
+                    f"p50={result.p50:.2f}ms p99={result.p99:.2f}ms stale={result.stale} "
+                    f"new={result.new} errors={result.errors} "
+                    f"visible-everywhere={_ms(result.settled_ms)}",
+                    flush=True,
                 )
-            written = time.monotonic()
-            for lib in libraries:
-                wrong = pool.call("warm", lib, keys[lib], gens[lib])
-                if any(wrong):
-                    raise AssertionError(f"{lib}: a process read a wrong value while warming")
-            baseline = {
-                key: int(client.get(counter_key(namespace, key)) or 0)  # type: ignore[arg-type]
-                for lib in libraries
-                for key in keys[lib]
-            }
-            time.sleep(max(0.0, written + TTL + 0.2 - time.monotonic()))  # all stale now
-            for lib in libraries:
-                for i in range(processes if lib != "floor" else 0):
-                    key = f"{lib}-p{i}"
-                    pool.call_one(i, "watch", lib, key, gens[lib][key], SETTLE_TIMEOUT)
-            for label in labels:
-                for lib in libraries:
-                    key = f"{lib}-{label}"
-                    result = _one_run(pool, worker, client, namespace, lib, key, gens[lib][key])
-                    result.resolver_calls -= baseline[key]
-                    if label == "w":
-                        continue
-                    results[lib].append(result)
-                    print(
-                        f"  run {label} {lib:8s} calls={result.resolver_calls} "
-                        f"p50={result.p50:.2f}ms p99={result.p99:.2f}ms stale={result.stale} "
-                        f"new={result.new} errors={result.errors} "
-                        f"visible-everywhere={_ms(result.settled_ms)}",
-                        flush=True,
-                    )
-        finally:
-            pool.close()
-        command, started_in = worker.command, worker.started_in
+        command, started_in = rig.worker.command, rig.worker.started_in
     return report(results, processes, threads, sleep, command, started_in)
 
 
-def _one_run(
-    pool: Pool, worker: CeleryWorker, client: object, namespace: str, lib: str, key: str, old: int
-) -> RunResult:
+def _one_run(rig: Rig, lib: str, key: str, old: int) -> RunResult:
+    pool, worker = rig.pool, rig.worker
     pool.call("arm", lib, key, old)
     served: list[Served] = pool.call("fire")
     settled_ms: float | None = None
@@ -169,7 +124,7 @@ def _one_run(
             settled_ms = (
                 max(w["visible"] for w in watched) - min(w["first"] for w in watched)
             ) / 1e6
-    calls = int(client.get(counter_key(namespace, key)) or 0)  # type: ignore[attr-defined]
+    calls = rig.calls(key)
     outcomes = worker.wait_outcomes(key) if lib == "oqron" else []
     return RunResult(
         calls,

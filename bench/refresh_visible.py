@@ -32,24 +32,23 @@ Run: ``.venv/bin/python -m bench.refresh_visible`` (``--help`` for options).
 from __future__ import annotations
 
 import argparse
-import time
 from collections import Counter
 from dataclasses import dataclass, field
 
 from .common import (
     Check,
     Report,
-    bench_namespace,
     markdown_table,
     percentile,
     print_table,
     redis_url,
     update_section,
 )
-from .procs import CeleryWorker, Pool
-from .refresh_caches import NAME, TTL, counter_key
+from .procs import CeleryWorker
+from .refresh_caches import NAME
+from .refresh_rig import refresh_rig
 from .refresh_web import LIBRARIES as PEERS
-from .refresh_web import POLL, Web
+from .refresh_web import POLL
 
 LIBRARIES = ("celery", *PEERS)  # "celery": the floor, a bare Celery task (bench.bare_celery)
 TARGET_ABOVE_RESOLVER_MS = 10.0
@@ -80,64 +79,31 @@ def run(
     url = url or redis_url()
     results: dict[str, list[Round]] = {lib: [] for lib in libraries}
     labels = ["w", *map(str, range(rounds))]  # "w": the warm-up round
-    with (
-        bench_namespace(url) as (client, namespace),
-        CeleryWorker(
-            url,
-            namespace,
-            resolver_sleep=sleep,
-            extra_args=("--pool", worker_pool) if worker_pool else (),
-        ) as worker,
-    ):
-        pool = Pool(
-            Web,
-            processes,
-            url=url,
-            namespace=namespace,
-            broker_url=worker.broker_url,
-            resolver_sleep=sleep,
-        )
-        try:
-            # Plus one key per process, refreshed by that process alone before the rounds: a
-            # process's first refresh opens its broker connection (tens of ms), which a
-            # service does once in its life, not per refresh.
-            keys = {
-                lib: [f"{lib}-v{x}" for x in [*labels, *(f"p{i}" for i in range(processes))]]
-                for lib in libraries
-            }
-            gens = {lib: pool.call_one(0, "prefill", lib, keys[lib]) for lib in libraries}
-            written = time.monotonic()
+    with refresh_rig(
+        url,
+        libraries=libraries,
+        labels=labels,
+        processes=processes,
+        sleep=sleep,
+        worker_pool=worker_pool,
+        watch_timeout=WATCH_TIMEOUT,
+    ) as rig:
+        for label in labels:
             for lib in libraries:
-                if any(pool.call("warm", lib, keys[lib], gens[lib])):
-                    raise AssertionError(f"{lib}: a process read a wrong value while warming")
-            baseline = {
-                key: int(client.get(counter_key(namespace, key)) or 0)  # type: ignore[arg-type]
-                for lib in libraries
-                for key in keys[lib]
-            }
-            time.sleep(max(0.0, written + TTL + 0.2 - time.monotonic()))  # all stale now
-            for lib in libraries:
-                for i in range(processes):
-                    key = f"{lib}-vp{i}"
-                    pool.call_one(i, "watch", lib, key, gens[lib][key], WATCH_TIMEOUT)
-            for label in labels:
-                for lib in libraries:
-                    key = f"{lib}-v{label}"
-                    watched = pool.call("watch", lib, key, gens[lib][key], WATCH_TIMEOUT)
-                    calls = int(client.get(counter_key(namespace, key)) or 0) - baseline[key]  # type: ignore[arg-type]
-                    result = _round(watched, calls, worker, key if lib == "oqron" else None)
-                    if label == "w":
-                        continue
-                    results[lib].append(result)
-                    print(
-                        f"  round {label} {lib:8s} everywhere={_ms(result.everywhere_ms)} "
-                        f"first={_ms(result.first_ms)} calls={calls} "
-                        + " ".join(f"{k}={v:.0f}" for k, v in result.stages_ms.items()),
-                        flush=True,
-                    )
-        finally:
-            pool.close()
-        command, started_in = worker.command, worker.started_in
+                key = rig.key(lib, label)
+                watched = rig.pool.call("watch", lib, key, rig.gens[lib][key], WATCH_TIMEOUT)
+                calls = rig.calls(key)
+                result = _round(watched, calls, rig.worker, key if lib == "oqron" else None)
+                if label == "w":
+                    continue
+                results[lib].append(result)
+                print(
+                    f"  round {label} {lib:8s} everywhere={_ms(result.everywhere_ms)} "
+                    f"first={_ms(result.first_ms)} calls={calls} "
+                    + " ".join(f"{k}={v:.0f}" for k, v in result.stages_ms.items()),
+                    flush=True,
+                )
+        command, started_in = rig.worker.command, rig.worker.started_in
     return report(results, processes, sleep, command, started_in)
 
 
