@@ -244,12 +244,16 @@ def connect(
     return client
 
 
+_AUTH_WORDS = ("WRONGPASS", "NOAUTH", "NOPERM", "username-password", "Authentication required")
+
+
 class PendingCluster:
     """Stands for a :class:`RedisCluster` that could not be made yet (no seed node answered).
 
     Any other attribute is the client's once it is made; before that, it is a function that
     makes the client (at most one attempt a second) and calls the client's method, or raises
-    ``ConnectionError``, which callers already treat as Redis being down.
+    ``ConnectionError``, which callers already treat as Redis being down
+    (``AuthenticationError`` if the nodes refused the credentials).
     """
 
     RETRY_EVERY = 1.0
@@ -281,8 +285,13 @@ class PendingCluster:
                     except (RedisClusterException, redis.RedisError, OSError) as exc:
                         self._error = exc
                 if self._client is None:
+                    text = str(self._error)
+                    if any(word in text for word in _AUTH_WORDS):
+                        raise redis.AuthenticationError(
+                            f"the Redis Cluster refused the credentials ({text[:200]})"
+                        )
                     raise RedisConnectionError(
-                        f"no node of the Redis Cluster answers ({str(self._error)[:120]})"
+                        f"no node of the Redis Cluster answers ({text[:200]})"
                     )
             return self._client
 
@@ -327,8 +336,6 @@ def _connect_cluster(target: ClusterTarget, options: dict[str, Any], retries: in
     try:
         return cast("redis.Redis", make())
     except (RedisClusterException, redis.RedisError, OSError) as exc:
-        if isinstance(exc, redis.AuthenticationError) or "WRONGPASS" in str(exc):
-            raise
         return cast("redis.Redis", PendingCluster(make, exc))
 
 

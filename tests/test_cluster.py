@@ -46,12 +46,16 @@ def _cluster_args(i: int) -> list[str]:
     ]
 
 
-def start_cluster() -> list[RedisServer]:
+def start_cluster(password: str | None = None) -> list[RedisServer]:
     """Three private primaries holding every slot, once the cluster says ``ok``."""
-    servers = [RedisServer(extra_args=_cluster_args(i)) for i in range(NODES)]
+    auth = ["--requirepass", password, "--masterauth", password] if password else []
+    servers = [
+        RedisServer(extra_args=_cluster_args(i) + auth, password=password) for i in range(NODES)
+    ]
     try:
         subprocess.run(
-            ["redis-cli", "--cluster", "create"]
+            ["redis-cli", *(["-a", password, "--no-auth-warning"] if password else [])]
+            + ["--cluster", "create"]
             + [f"127.0.0.1:{s.port}" for s in servers]
             + ["--cluster-replicas", "0", "--cluster-yes"],
             check=True,
@@ -478,6 +482,32 @@ def test_admin_cli_reports_an_unreachable_cluster() -> None:
     )
     assert result.returncode == 3, result.stderr
     assert "s3cret" not in result.stderr
+
+
+def test_a_password_protected_cluster_and_wrong_credentials() -> None:
+    servers = start_cluster(password="s3cret")  # noqa: S106 - a throw-away test cluster
+    try:
+        good = cluster_url(servers, seeds=1).replace("://", "://:s3cret@")
+        oqron_cache.configure(redis_url=good, namespace=f"t-{uuid.uuid4().hex[:8]}")
+        cache = oqron_cache.cache(f"c-{uuid.uuid4().hex[:8]}", ttl="1m")
+        cache.set("a", 1)
+        cache.stack.flush_l1()
+        assert cache.get("a") == 1
+        assert cache.get_stats(local=True)["l2_errors"] == 0
+        cache.close()
+        reset()
+        bad = good.replace("s3cret", "wrong-pw")
+        with pytest.raises(ConfigurationError, match="refused the credentials") as info:
+            oqron_cache.configure(redis_url=bad, namespace="t-x")
+        assert "wrong-pw" not in str(info.value)
+        result = run_admin("stats", "--redis-url", bad, "--json")
+        assert result.returncode == 3, result.stderr
+        assert "refused access" in result.stderr
+        assert "wrong-pw" not in result.stderr
+    finally:
+        reset()
+        for server in servers:
+            server.close()
 
 
 def test_a_killed_node_does_not_raise_to_callers() -> None:

@@ -496,7 +496,16 @@ class RedisStore:
                     break
 
     def unlink(self, keys: list[bytes]) -> int:
-        """UNLINK ``keys`` (one round trip); how many existed."""
+        """UNLINK ``keys`` (one round trip; on a cluster, one per node); how many existed."""
+        if self.conn.cluster:  # one UNLINK per key, pipelined: keys of many slots cannot share one
+
+            def each() -> list[int]:
+                pipe = self.conn.client.pipeline(transaction=False)
+                for key in keys:
+                    pipe.unlink(key)
+                return cast("list[int]", pipe.execute())
+
+            return sum(self.conn.run(each))
         return cast(int, self.conn.run(self.conn.client.unlink, *keys))
 
     def publish(self, message: bytes) -> None:
