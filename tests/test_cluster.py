@@ -349,6 +349,21 @@ def test_invalidate_by_tag_on_every_node(make_cache: Callable[..., Any], raw: Re
     assert cache.get_stats(local=True)["l2_errors"] == 0
 
 
+def test_write_through_inline_on_every_node(
+    make_cache: Callable[..., Any], raw: RedisCluster
+) -> None:
+    saved: list[tuple[str, Any]] = []
+    cache = make_cache(ttl="1m", write_through=lambda key, value: saved.append((key, value)))
+    keys = spread_keys(raw, cache, "w", 12)
+    for i, key in enumerate(keys):
+        handle = cache.set(key, {"n": i})
+        assert handle is not None and handle.status() == "ok"
+    assert saved == [(key, {"n": i}) for i, key in enumerate(keys)]
+    cache.stack.flush_l1()
+    assert [cache.get(k) for k in keys] == [{"n": i} for i in range(12)]
+    assert cache.get_stats(local=True)["l2_errors"] == 0
+
+
 class ClusterChild:
     """``tests.procs.cluster_child``: another process with the same cache."""
 
