@@ -54,18 +54,13 @@ def validate_redis_url(url: object) -> str:
             f"redis_url {mask_url(url)!r} has no scheme; "
             "use redis://host:port/db or rediss:// for TLS"
         )
-    if parts.scheme in ("redis+sentinel", "rediss+sentinel"):
+    if parts.scheme in ("redis+sentinel", "rediss+sentinel", "redis+cluster", "rediss+cluster"):
         check_url(url)
         return url
-    if parts.scheme == "redis+cluster":
-        raise ConfigurationError(
-            f"redis_url scheme {parts.scheme!r} is not supported yet; "
-            "use redis://, rediss://, unix:// or redis+sentinel://"
-        )
     if parts.scheme not in _SCHEMES:
         raise ConfigurationError(
             f"redis_url scheme {parts.scheme!r} is not a Redis scheme; "
-            "use redis://, rediss://, unix:// or redis+sentinel://"
+            "use redis://, rediss://, unix://, redis+sentinel:// or redis+cluster://"
         )
     if parts.scheme == "rediss":
         reqs = parse_qs(parts.query).get("ssl_cert_reqs", [""])[0].lower()

@@ -17,7 +17,7 @@ neither blocks Redis nor is loaded into memory at once.
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Any, cast
 
 from .entry import FLAG_TOMBSTONE, Entry, new_version, pack
 from .keys import Glob
@@ -114,21 +114,16 @@ def invalidate_tag(stack: CacheStack, tag: str) -> int:
                 reply = l2.conn.run(client.sscan, set_key, cursor=cursor, count=PAGE)
                 cursor, members = cast("tuple[int, list[bytes]]", reply)
                 if members:
-                    pipe = client.pipeline(transaction=False)
+                    calls: list[tuple[list[str], list[Any]]] = []
                     for member in members:
                         encoded, _, version_hex = member.decode(
                             "utf-8", "surrogatepass"
                         ).rpartition("|")
                         value_key = f"{l2.keys.prefix}{encoded}}}:v"
-                        args: list[bytes | str | int] = [
-                            bytes.fromhex(version_hex),
-                            tombstone,
-                            ttl_ms,
-                            "",
-                            b"",
-                        ]
-                        l2.conn.drop_script(keys=[value_key], args=args, client=pipe)
-                    removed += sum(int(r) for r in l2.conn.run(pipe.execute))
+                        args = [bytes.fromhex(version_hex), tombstone, ttl_ms, "", b""]
+                        calls.append(([value_key], args))
+                    replies = l2.conn.run(l2.conn.run_each, l2.conn.drop_script, calls)
+                    removed += sum(int(r) for r in replies)
                     l2.conn.run(client.srem, set_key, *members)
                 if cursor == 0:
                     break

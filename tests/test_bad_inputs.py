@@ -846,7 +846,7 @@ def test_row15_bad_max_size(site: str, value: Any, error: type) -> None:
         ("http://x", "not a Redis scheme"),
         ("http://:hunter2@x:6379", "not a Redis scheme"),
         ("ftp://user:hunter2@x", "not a Redis scheme"),
-        ("redis+cluster://:hunter2@x:6379", "not supported"),
+        ("redis+cluster://:hunter2@x:6379/3", "only db 0"),
         ("redis+sentinel://:hunter2@x", "no service name"),
         ("redis+sentinel://:hunter2@x:port/mymaster", "not a port number"),
     ],

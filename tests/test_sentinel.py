@@ -68,7 +68,6 @@ def test_sentinel_urls_name_sentinels_service_db_and_credentials(
         ("redis+sentinel://h/m/0/extra", "more than /service/db"),
         ("redis+sentinel://h/m?master_name=n", "unknown query parameter 'master_name'"),
         ("rediss+sentinel://h/m", "not supported yet"),
-        ("redis+cluster://h:1", "not supported yet"),
     ],
 )
 def test_malformed_sentinel_urls_are_refused_naming_redis_url(url: str, complaint: str) -> None:

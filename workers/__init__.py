@@ -7,7 +7,8 @@ Configured from the environment:
   :mod:`oqron_cache.clients`).
 * ``OQRON_BROKER_URL`` (default: the Redis URL, in Celery's form: a sentinel URL becomes
   kombu's ``sentinel://`` URLs with the ``master_name`` transport option): the Celery broker
-  (``redis://``, ``sentinel://`` or ``amqp://``).
+  (``redis://``, ``sentinel://`` or ``amqp://``). Required when ``OQRON_REDIS_URL`` is a
+  ``redis+cluster://`` URL: kombu cannot use a Redis Cluster as a broker.
 * ``OQRON_NAMESPACE`` (default ``oqron``): the key namespace, the same as the web processes'.
 * ``OQRON_CACHE_MODULES``: comma-separated modules to import, so their caches (declared with
   ``cache(...)`` or ``@refreshing_cache``) are in this worker's registry. A refresh task names a
@@ -24,17 +25,26 @@ from __future__ import annotations
 
 import importlib
 import os
+from typing import Any
 
 from celery import Celery
 
 import oqron_cache
-from oqron_cache.clients import celery_broker
+from oqron_cache.clients import celery_broker, is_cluster_url
+from oqron_cache.errors import ConfigurationError
 
 redis_url = os.environ.get("OQRON_REDIS_URL", "redis://127.0.0.1:6379/0")
-# The cache's Redis in Celery's form (a redis+sentinel:// URL becomes kombu's sentinel://).
-broker_url, _transport = celery_broker(redis_url)
+_transport: dict[str, Any]
 if os.environ.get("OQRON_BROKER_URL"):
     broker_url, _transport = os.environ["OQRON_BROKER_URL"], {}
+elif is_cluster_url(redis_url):
+    raise ConfigurationError(
+        "OQRON_REDIS_URL is a Redis Cluster, which cannot be the Celery broker (kombu does not "
+        "support Redis Cluster): set OQRON_BROKER_URL to a plain Redis, sentinel:// or amqp:// URL"
+    )
+else:
+    # The cache's Redis in Celery's form (a redis+sentinel:// URL becomes kombu's sentinel://).
+    broker_url, _transport = celery_broker(redis_url)
 
 app = Celery("oqron_workers", broker=broker_url)
 _visibility = os.environ.get("OQRON_VISIBILITY_TIMEOUT")

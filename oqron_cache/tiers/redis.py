@@ -1,9 +1,12 @@
 """L2: the shared Redis tier. One entry = one envelope string (see :mod:`oqron_cache.entry`).
 
 Every check-then-act is one Lua script touching one entry's keys only (its value and its lock,
-which share a Redis Cluster hash tag). Every call goes through :meth:`RedisConn.run`, which applies
-the circuit breaker and turns infrastructure failures into :class:`L2Unavailable`, so the read
-path can degrade (promise P1) instead of raising.
+which share a Redis Cluster hash tag), so the same code runs on one server and on a Redis Cluster
+(``RedisConn.cluster``): there, keyless commands that must sit next to an entry (the clock read
+with it) are a script on the entry's keys instead of a pipeline, scans walk every primary, and
+scripts over many entries are pipelined per node. Every call goes through :meth:`RedisConn.run`,
+which applies the circuit breaker and turns infrastructure failures into :class:`L2Unavailable`,
+so the read path can degrade (promise P1) instead of raising.
 """
 
 from __future__ import annotations
@@ -15,11 +18,14 @@ from collections.abc import Callable, Iterator
 from typing import Any, TypeVar, cast
 
 import redis
+from redis.cluster import RedisCluster
+from redis.commands.core import Script
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import RedisClusterException, RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from ..breaker import CircuitBreaker
+from ..clients import is_cluster_client
 from ..keys import KeySpace
 
 log = logging.getLogger("oqron_cache.redis")
@@ -67,6 +73,14 @@ _PUT = """
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
 redis.call('PUBLISH', ARGV[3], ARGV[4])
 return 1
+"""
+
+# KEYS[1] - the entry's value key
+# Redis Cluster only (a single server pipelines TIME and GET): the clock of the entry's node and
+# the envelope, in one round trip. Returns {seconds, µs, the envelope or false}.
+_READ_AT = """
+local t = redis.call('TIME')
+return {t[1], t[2], redis.call('GET', KEYS[1])}
 """
 
 # KEYS[1] - the entry's value key
@@ -289,6 +303,7 @@ class RedisConn:
         on_failure: Callable[[str], None] | None = None,
     ) -> None:
         self.client = client
+        self.cluster = is_cluster_client(client)
         self.breaker = breaker or CircuitBreaker()
         self._on_failure = on_failure
         self._quiet_until: dict[str, float] = {}
@@ -305,6 +320,46 @@ class RedisConn:
         self.put_if_newer_script = client.register_script(_PUT_IF_NEWER)
         self.origin_begin_script = client.register_script(_ORIGIN_BEGIN)
         self.origin_done_script = client.register_script(_ORIGIN_DONE)
+        self.read_at_script = client.register_script(_READ_AT)
+
+    def primaries(self) -> list[redis.Redis]:
+        """A client of each primary: the client itself on one server, one per cluster node."""
+        if not self.cluster:
+            return [self.client]
+        cluster = cast("RedisCluster", self.client)
+        return [cluster.get_redis_connection(node) for node in cluster.get_primaries()]  # type: ignore[no-untyped-call]
+
+    def run_each(self, script: Script, calls: list[tuple[list[str], list[Any]]]) -> list[Any]:
+        """``script`` once per ``(keys, args)``, pipelined; the replies in order.
+
+        Each call's keys must share a slot. On a cluster, the calls are grouped by the node
+        holding their slot and pipelined on it; a call that the node refuses (its slot moved
+        meanwhile) is run again alone through the cluster client, which follows redirections.
+        Call through :meth:`run`.
+        """
+        if not self.cluster:
+            pipe = self.client.pipeline(transaction=False)
+            for keys, args in calls:
+                script(keys=keys, args=args, client=pipe)
+            return pipe.execute()
+        cluster = cast("RedisCluster", self.client)
+        groups: dict[str, tuple[Any, list[int]]] = {}
+        for i, (keys, _args) in enumerate(calls):
+            node = cluster.get_node_from_key(keys[0])  # type: ignore[no-untyped-call]
+            groups.setdefault(node.name, (node, []))[1].append(i)
+        replies: list[Any] = [None] * len(calls)
+        for node, indexes in groups.values():
+            pipe = cluster.get_redis_connection(node).pipeline(transaction=False)
+            for i in indexes:
+                script(keys=calls[i][0], args=calls[i][1], client=pipe)
+            for i, reply in zip(indexes, pipe.execute(raise_on_error=False), strict=True):
+                if isinstance(reply, ResponseError):  # MOVED/ASK: the slot is elsewhere now
+                    replies[i] = script(keys=calls[i][0], args=calls[i][1])
+                elif isinstance(reply, Exception):
+                    raise reply
+                else:
+                    replies[i] = reply
+        return replies
 
     def run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Call ``fn`` through the breaker; raise :class:`L2Unavailable` on any Redis failure.
@@ -316,7 +371,8 @@ class RedisConn:
             raise L2Unavailable("circuit open")
         try:
             result = fn(*args, **kwargs)
-        except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+        except (RedisConnectionError, RedisTimeoutError, OSError, RedisClusterException) as exc:
+            # RedisClusterException: no node answers the layout query, or a slot has no node.
             self.breaker.failure()
             self._failed("unreachable", exc)
             raise L2Unavailable(f"redis unreachable: {type(exc).__name__}") from exc
@@ -356,6 +412,11 @@ class RedisStore:
 
     def read_at(self, key: str) -> tuple[bytes | None, int]:
         """Redis's clock (µs), then the raw envelope of ``key``: one round trip (a pipeline)."""
+
+        if self.conn.cluster:  # TIME cannot be pipelined there: it names no slot
+            reply = self.conn.run(self.conn.read_at_script, keys=[self.keys.value(key)])
+            seconds, micros, found = cast("list[Any]", reply)
+            return found or None, int(seconds) * 1_000_000 + int(micros)
 
         def both() -> list[Any]:
             pipe = self.conn.client.pipeline(transaction=False)
@@ -423,18 +484,28 @@ class RedisStore:
         self.conn.run(self.conn.put_script, keys=[self.keys.value(key)], args=args)
 
     def scan(self, match: str, count: int) -> Iterator[bytes]:
-        """Keys matching ``match``, one SCAN page per call (each page through the breaker)."""
-        client = self.conn.client
-        cursor = 0
-        while True:
-            reply = self.conn.run(client.scan, cursor=cursor, match=match, count=count)
-            cursor, page = cast("tuple[int, list[bytes]]", reply)
-            yield from page
-            if cursor == 0:
-                return
+        """Keys matching ``match``, one SCAN page per call (each page through the breaker), on
+        every primary of a cluster in turn."""
+        for client in self.conn.run(self.conn.primaries):
+            cursor = 0
+            while True:
+                reply = self.conn.run(client.scan, cursor=cursor, match=match, count=count)
+                cursor, page = cast("tuple[int, list[bytes]]", reply)
+                yield from page
+                if cursor == 0:
+                    break
 
     def unlink(self, keys: list[bytes]) -> int:
-        """UNLINK ``keys`` (one round trip); how many existed."""
+        """UNLINK ``keys`` (one round trip; on a cluster, one per node); how many existed."""
+        if self.conn.cluster:  # one UNLINK per key, pipelined: keys of many slots cannot share one
+
+            def each() -> list[int]:
+                pipe = self.conn.client.pipeline(transaction=False)
+                for key in keys:
+                    pipe.unlink(key)
+                return cast("list[int]", pipe.execute())
+
+            return sum(self.conn.run(each))
         return cast(int, self.conn.run(self.conn.client.unlink, *keys))
 
     def publish(self, message: bytes) -> None:

@@ -1,0 +1,560 @@
+"""Redis Cluster (DESIGN section 7): the same library code on a real three-primary cluster.
+
+The module starts its own cluster (three private ``redis-server`` processes joined with
+``redis-cli --cluster create``); the shared Redis is not touched. Keys are spread over the three
+primaries by their hash tag, and the tests check that they really are.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from typing import Any, cast
+
+import pytest
+from redis.cluster import RedisCluster
+
+import oqron_cache
+from oqron_cache import testing
+from oqron_cache.clients import celery_broker, connect, parse_cluster_url
+from oqron_cache.config import mask_url, reset, validate_redis_url
+from oqron_cache.entry import unpack
+from oqron_cache.errors import ConfigurationError
+from oqron_cache.keys import glob_literal
+from tests.procs import ROOT
+from tests.redis_server import RedisServer, free_port
+
+NODES = 3
+
+
+def _cluster_args(i: int) -> list[str]:
+    # The bus port defaults to port + 10000, which may be above 65535 for a free port: pick one.
+    return [
+        "--cluster-enabled",
+        "yes",
+        "--cluster-config-file",
+        f"nodes-{i}.conf",
+        "--cluster-node-timeout",
+        "2000",
+        "--cluster-port",
+        str(free_port()),
+    ]
+
+
+def start_cluster(password: str | None = None) -> list[RedisServer]:
+    """Three private primaries holding every slot, once the cluster says ``ok``."""
+    auth = ["--requirepass", password, "--masterauth", password] if password else []
+    servers = [
+        RedisServer(extra_args=_cluster_args(i) + auth, password=password) for i in range(NODES)
+    ]
+    try:
+        subprocess.run(
+            ["redis-cli", *(["-a", password, "--no-auth-warning"] if password else [])]
+            + ["--cluster", "create"]
+            + [f"127.0.0.1:{s.port}" for s in servers]
+            + ["--cluster-replicas", "0", "--cluster-yes"],
+            check=True,
+            capture_output=True,
+            timeout=30,
+        )
+        deadline = time.monotonic() + 20
+        for server in servers:
+            client = server.client()
+            while cast("dict[str, Any]", client.cluster("INFO"))["cluster_state"] != "ok":
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"cluster not ok on {server.url}")
+                time.sleep(0.05)
+    except BaseException:
+        for server in servers:
+            server.close()
+        raise
+    return servers
+
+
+def cluster_url(servers: list[RedisServer], seeds: int = NODES) -> str:
+    return "redis+cluster://" + ",".join(f"127.0.0.1:{s.port}" for s in servers[:seeds])
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[list[RedisServer]]:
+    servers = start_cluster()
+    try:
+        yield servers
+    finally:
+        for server in servers:
+            server.close()
+
+
+@pytest.fixture(scope="module")
+def url(cluster: list[RedisServer]) -> str:
+    return cluster_url(cluster, seeds=1)  # one seed is enough: it tells the layout
+
+
+@pytest.fixture
+def raw(cluster: list[RedisServer]) -> Iterator[RedisCluster]:
+    client = RedisCluster(host="127.0.0.1", port=cluster[0].port, socket_timeout=5)
+    try:
+        yield client
+    finally:
+        client.close()
+
+
+@pytest.fixture
+def ns(url: str) -> Iterator[str]:
+    namespace = f"t-{uuid.uuid4().hex[:8]}"
+    oqron_cache.configure(redis_url=url, namespace=namespace)
+    try:
+        yield namespace
+    finally:
+        reset()
+
+
+@pytest.fixture
+def make_cache(ns: str) -> Iterator[Callable[..., Any]]:
+    made: list[Any] = []
+
+    def factory(**kwargs: Any) -> Any:
+        kwargs.setdefault("name", f"c-{uuid.uuid4().hex[:8]}")
+        made.append(oqron_cache.cache(**kwargs))
+        return made[-1]
+
+    try:
+        yield factory
+    finally:
+        for created in made:
+            created.close()
+
+
+def node_of(raw: RedisCluster, key: str) -> str:
+    return cast(str, raw.get_node_from_key(key).name)  # type: ignore[no-untyped-call]
+
+
+def on_nodes(raw: RedisCluster, cache: Any, keys: list[str]) -> dict[str, int]:
+    """How many of ``keys`` each node really holds (entries, not tombstones), asking each."""
+    space = cache.stack.l2.keys
+    wanted = {space.value(k).encode() for k in keys}
+    held: dict[str, int] = {}
+    for node in raw.get_primaries():  # type: ignore[no-untyped-call]
+        client = raw.get_redis_connection(node)  # this node only: no redirection
+        found = set(client.scan_iter(match=glob_literal(space.prefix) + "*", count=1000))
+        here = sum(
+            1 for key in wanted & found if not unpack(cast(bytes, client.get(key)))[0].tombstone
+        )
+        if here:
+            held[node.name] = here
+    return held
+
+
+def spread_keys(raw: RedisCluster, cache: Any, prefix: str, n: int) -> list[str]:
+    """``n`` keys ``<prefix><i>`` whose entries fall on every node."""
+    keys = [f"{prefix}{i}" for i in range(n)]
+    nodes = {node_of(raw, cache.stack.l2.keys.value(k)) for k in keys}
+    assert len(nodes) == NODES, nodes
+    return keys
+
+
+# -- URLs -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("url", "nodes", "tls", "user", "password"),
+    [
+        ("redis+cluster://h:7000", (("h", 7000),), False, None, None),
+        ("redis+cluster://h", (("h", 6379),), False, None, None),
+        ("redis+cluster://a:1,b:2,[::1]:3/0", (("a", 1), ("b", 2), ("::1", 3)), False, None, None),
+        ("rediss+cluster://u:p%40ss@a:1,b:2/", (("a", 1), ("b", 2)), True, "u", "p@ss"),
+        ("redis+cluster://:s3cret@a:1", (("a", 1),), False, None, "s3cret"),
+    ],
+)
+def test_cluster_urls_are_parsed(
+    url: str, nodes: tuple[Any, ...], tls: bool, user: str | None, password: str | None
+) -> None:
+    target = parse_cluster_url(url)
+    assert (target.nodes, target.tls, target.username, target.password) == (
+        nodes,
+        tls,
+        user,
+        password,
+    )
+    assert validate_redis_url(url) == url
+    assert "s3cret" not in repr(target)
+
+
+@pytest.mark.parametrize(
+    ("url", "complaint"),
+    [
+        ("redis+cluster://", "no cluster node"),
+        ("redis+cluster://:s3cret@", "no cluster node"),
+        ("redis+cluster://:s3cret@h:99999", "not a port number"),
+        ("redis+cluster://:s3cret@h:x", "not a port number"),
+        ("redis+cluster://:s3cret@:1", "has no host"),
+        ("redis+cluster://:s3cret@h:1/1", "only db 0"),
+        ("redis+cluster://:s3cret@h:1/0/x", "only db 0"),
+        ("redis+cluster://:s3cret@h:1?password=x", "query parameters are not supported"),
+    ],
+)
+def test_malformed_cluster_urls_are_refused_naming_redis_url(url: str, complaint: str) -> None:
+    with pytest.raises(ConfigurationError, match="redis_url") as info:
+        oqron_cache.configure(redis_url=url, namespace="cluster-bad")
+    assert complaint in str(info.value)
+    assert "s3cret" not in str(info.value)
+    assert "redis+cluster://" in str(info.value)  # the expected form
+
+
+def test_cluster_url_password_is_masked() -> None:
+    assert mask_url("redis+cluster://u:s3cret@a:1,b:2") == "redis+cluster://u:***@a:1,b:2"
+
+
+def test_a_cluster_cannot_be_the_celery_broker() -> None:
+    with pytest.raises(ConfigurationError, match="OQRON_BROKER_URL") as info:
+        celery_broker("redis+cluster://:s3cret@a:1")
+    assert "s3cret" not in str(info.value)
+
+
+def test_standalone_worker_needs_a_broker_url_with_a_cluster() -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OQRON_")}
+    env["OQRON_REDIS_URL"] = "redis+cluster://:s3cret@127.0.0.1:1"
+    result = subprocess.run(
+        [sys.executable, "-c", "import workers"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode != 0
+    assert "OQRON_BROKER_URL" in result.stderr
+    assert "s3cret" not in result.stderr
+
+
+def test_an_unreachable_cluster_degrades_instead_of_failing_configure() -> None:
+    oqron_cache.configure(redis_url=f"redis+cluster://127.0.0.1:{free_port()}", namespace="t-x")
+    try:
+        cache = oqron_cache.cache(f"c-{uuid.uuid4().hex[:8]}", ttl="1m", resolver=str.upper)
+        assert cache.get("abc") == "ABC"  # the resolver, then L1
+        cache.set("k", 1)
+        cache.delete("k")
+        assert cache.invalidate_pattern("*", allow_all=True) == 0
+        assert cache.get_stats(local=True)["l2_errors"] >= 1
+        cache.close()
+    finally:
+        reset()
+
+
+# -- a real cluster -----------------------------------------------------------------------
+
+
+def test_connect_makes_a_cluster_client_with_explicit_timeouts(url: str) -> None:
+    made: Any = connect(url, socket_timeout=0.3, connect_timeout=0.2, client_name="oqron-t")
+    client = cast(RedisCluster, made)
+    try:
+        assert isinstance(made, RedisCluster)
+        assert client.ping()
+        assert client.retry.get_retries() == 1
+        node = client.get_primaries()[0]  # type: ignore[no-untyped-call]
+        kwargs = client.get_redis_connection(node).connection_pool.connection_kwargs
+        assert (kwargs["socket_timeout"], kwargs["socket_connect_timeout"]) == (0.3, 0.2)
+        assert kwargs["client_name"] == "oqron-t"
+    finally:
+        client.close()
+
+
+def test_get_set_delete_get_or_set_on_every_node(
+    make_cache: Callable[..., Any], raw: RedisCluster
+) -> None:
+    cache = make_cache(ttl="1m")
+    keys = spread_keys(raw, cache, "k", 30)
+    for i, key in enumerate(keys):
+        cache.set(key, {"i": i})
+    assert sum(on_nodes(raw, cache, keys).values()) == 30
+    assert len(on_nodes(raw, cache, keys)) == NODES
+    cache.stack.flush_l1()
+    assert [cache.get(k) for k in keys] == [{"i": i} for i in range(30)]  # from L2
+    for key in keys[:15]:
+        cache.delete(key)
+    assert [cache.get(k) for k in keys[:15]] == [None] * 15
+    calls: list[str] = []
+
+    def factory(key: str) -> Callable[[], Any]:
+        def make() -> str:
+            calls.append(key)
+            return key.upper()
+
+        return make
+
+    assert [cache.get_or_set(k, factory(k)) for k in keys[:15]] == [k.upper() for k in keys[:15]]
+    assert [cache.get_or_set(k, factory(k)) for k in keys[:15]] == [k.upper() for k in keys[:15]]
+    assert calls == keys[:15]  # each factory ran once
+    stats = cache.get_stats(local=True)
+    assert stats["l2_errors"] == 0
+
+
+def test_stale_while_revalidate_refreshes_in_the_dispatcher(make_cache: Callable[..., Any]) -> None:
+    clock = testing.FakeClock()
+    runs: list[str] = []
+
+    def resolver(key: str) -> str:
+        runs.append(key)
+        return f"{key}-{len(runs)}"
+
+    cache = make_cache(ttl="10s", stale_ttl="1m", resolver=resolver, clock=clock)
+    assert cache.get("a") == "a-1"
+    clock.tick(11)  # stale now
+    assert cache.get("a") == "a-1"  # served stale, refresh requested
+    assert testing.wait_for_refreshes(5)
+    assert cache.get("a") == "a-2"
+    cache.stack.flush_l1()
+    assert cache.get("a") == "a-2"  # the refresh wrote L2
+    stats = cache.get_stats(local=True)
+    assert stats["stale_served"] >= 1
+    assert stats["l2_errors"] == 0
+
+
+def test_invalidate_pattern_deletes_on_every_node(
+    make_cache: Callable[..., Any], raw: RedisCluster
+) -> None:
+    cache = make_cache(ttl="1m")
+    users = spread_keys(raw, cache, "user:", 40)
+    others = spread_keys(raw, cache, "order:", 20)
+    for key in users + others:
+        cache.set(key, key)
+    cache.delete(users[0])  # a tombstone is not an entry
+    assert cache.invalidate_pattern("user:*") == 39
+    assert on_nodes(raw, cache, users) == {}
+    assert sum(on_nodes(raw, cache, others).values()) == 20
+    assert [cache.get(k) for k in users] == [None] * 40
+    assert [cache.get(k) for k in others] == others
+    assert cache.invalidate_pattern("user:*") == 0
+    assert cache.get_stats(local=True)["l2_errors"] == 0
+
+
+def test_invalidate_by_tag_on_every_node(make_cache: Callable[..., Any], raw: RedisCluster) -> None:
+    cache = make_cache(ttl="1m", tags=lambda key, value: value["tags"])
+    keys = spread_keys(raw, cache, "p", 60)
+    for i, key in enumerate(keys):
+        cache.set(key, {"tags": ["even" if i % 2 == 0 else "odd"]})
+    cache.set(keys[2], {"tags": []})  # rewritten without the tag: spared
+    assert cache.invalidate_by_tag("even") == 29
+    assert sum(on_nodes(raw, cache, keys).values()) == 31
+    assert cache.get(keys[2]) == {"tags": []}
+    assert cache.get(keys[0]) is None and cache.get(keys[1]) == {"tags": ["odd"]}
+    assert raw.exists(cache.stack.l2.keys.tag_set("even")) == 0
+    assert cache.invalidate_by_tag("odd") == 30
+    assert cache.get_stats(local=True)["l2_errors"] == 0
+
+
+def test_write_through_inline_on_every_node(
+    make_cache: Callable[..., Any], raw: RedisCluster
+) -> None:
+    saved: list[tuple[str, Any]] = []
+    cache = make_cache(ttl="1m", write_through=lambda key, value: saved.append((key, value)))
+    keys = spread_keys(raw, cache, "w", 12)
+    for i, key in enumerate(keys):
+        handle = cache.set(key, {"n": i})
+        assert handle is not None and handle.status() == "ok"
+    assert saved == [(key, {"n": i}) for i, key in enumerate(keys)]
+    cache.stack.flush_l1()
+    assert [cache.get(k) for k in keys] == [{"n": i} for i in range(12)]
+    assert cache.get_stats(local=True)["l2_errors"] == 0
+
+
+class ClusterChild:
+    """``tests.procs.cluster_child``: another process with the same cache."""
+
+    def __init__(self, url: str, ns: str, name: str) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "tests.procs.cluster_child", url, ns, name],
+            cwd=ROOT,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert self.read() == {"ready": True}
+
+    def read(self) -> Any:
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        assert line, "the child exited"
+        return json.loads(line)
+
+    def ask(self, *words: str) -> Any:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(" ".join(words) + "\n")
+        self.proc.stdin.flush()
+        return self.read()
+
+    def close(self) -> None:
+        """Ask the child to exit (its counters are flushed at exit); kill it if it does not."""
+        try:
+            if self.proc.poll() is None and self.proc.stdin is not None:
+                self.proc.stdin.write("exit\n")
+                self.proc.stdin.flush()
+            self.proc.wait(10)
+        except (OSError, subprocess.TimeoutExpired):
+            self.proc.kill()
+            self.proc.wait(10)
+        for pipe in (self.proc.stdin, self.proc.stdout):
+            if pipe is not None:
+                pipe.close()
+
+
+def test_a_delete_evicts_the_l1_copy_of_another_process(
+    url: str, ns: str, make_cache: Callable[..., Any], raw: RedisCluster
+) -> None:
+    cache = make_cache(ttl="10m")
+    keys = spread_keys(raw, cache, "x", 12)
+    for key in keys:
+        cache.set(key, key)
+    child = ClusterChild(url, ns, cache.name)
+    try:
+        assert child.ask("get", *keys) == keys
+        assert child.ask("held", *keys) == [True] * 12
+        for key in keys[:6]:
+            cache.delete(key)  # on all three nodes
+        cache.invalidate_pattern("x1*")  # x1, x10, x11
+        gone = [*keys[:6], "x10", "x11"]
+        deadline = time.monotonic() + 5
+        while child.ask("held", *gone) != [False] * len(gone):
+            assert time.monotonic() < deadline, "the other process kept its L1 copies"
+            time.sleep(0.02)
+        assert child.ask("held", *keys[6:10]) == [True] * 4  # untouched keys stay
+        assert child.ask("get", *gone) == [None] * len(gone)
+    finally:
+        child.close()
+
+
+def test_get_stats_adds_up_every_process(url: str, ns: str, make_cache: Callable[..., Any]) -> None:
+    cache = make_cache(ttl="1m")
+    cache.set("a", 1)
+    child = ClusterChild(url, ns, cache.name)
+    try:
+        assert child.ask("get", "a", "b", "a") == [1, None, 1]
+    finally:
+        child.close()
+    cache.get("a")
+    deadline = time.monotonic() + 5
+    stats = cache.get_stats()
+    while stats["gets"] < 4 and time.monotonic() < deadline:  # the child flushes each second
+        time.sleep(0.1)
+        stats = cache.get_stats()
+    assert stats["gets"] == 4  # 3 in the child, 1 here
+    assert stats["sets"] == 1
+
+
+def run_admin(*argv: str) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OQRON_")}
+    return subprocess.run(
+        [sys.executable, "-m", "oqron_cache", *argv],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def test_admin_cli_stats_and_invalidate(
+    url: str, ns: str, make_cache: Callable[..., Any], raw: RedisCluster
+) -> None:
+    cache = make_cache(ttl="1m", tags=lambda key, value: value["tags"])
+    keys = spread_keys(raw, cache, "u", 30)
+    for key in keys:
+        cache.set(key, {"tags": ["t"] if key.startswith("u1") else []})
+    cache.get(keys[0])
+    cache.get_stats()  # flushed to the cluster
+    common = ["--redis-url", url, "--namespace", ns]
+    result = run_admin("stats", cache.name, "--json", *common)
+    assert result.returncode == 0, result.stderr
+    doc = json.loads(result.stdout)
+    assert (doc["cache"], doc["stats"]["sets"], doc["stats"]["gets"]) == (cache.name, 30, 1)
+    result = run_admin("stats", "--json", *common)  # every cache: a scan of every node
+    assert result.returncode == 0, result.stderr
+    assert cache.name in result.stdout
+    result = run_admin("invalidate", cache.name, "--tag", "t", *common)
+    assert result.returncode == 0, result.stderr
+    assert "11 entries" in result.stdout  # u1, u10..u19
+    result = run_admin("invalidate", cache.name, "--pattern", "u2*", *common)
+    assert result.returncode == 0, result.stderr
+    assert "11 entries" in result.stdout  # u2, u20..u29
+    result = run_admin("invalidate", cache.name, "--key", "u3", "--key", "u4", *common)
+    assert result.returncode == 0, result.stderr
+    assert "deleted 2 of 2 keys" in result.stdout
+    assert sum(on_nodes(raw, cache, keys).values()) == 30 - 11 - 11 - 2
+    result = run_admin("inspect", cache.name, "u5", "--json", *common)
+    assert result.returncode == 0, result.stderr
+
+
+def test_admin_cli_reports_an_unreachable_cluster() -> None:
+    result = run_admin(
+        "stats", "--redis-url", f"redis+cluster://:s3cret@127.0.0.1:{free_port()}", "--json"
+    )
+    assert result.returncode == 3, result.stderr
+    assert "s3cret" not in result.stderr
+
+
+def test_a_password_protected_cluster_and_wrong_credentials() -> None:
+    servers = start_cluster(password="s3cret")  # noqa: S106 - a throw-away test cluster
+    try:
+        good = cluster_url(servers, seeds=1).replace("://", "://:s3cret@")
+        oqron_cache.configure(redis_url=good, namespace=f"t-{uuid.uuid4().hex[:8]}")
+        cache = oqron_cache.cache(f"c-{uuid.uuid4().hex[:8]}", ttl="1m")
+        cache.set("a", 1)
+        cache.stack.flush_l1()
+        assert cache.get("a") == 1
+        assert cache.get_stats(local=True)["l2_errors"] == 0
+        cache.close()
+        reset()
+        bad = good.replace("s3cret", "wrong-pw")
+        with pytest.raises(ConfigurationError, match="refused the credentials") as info:
+            oqron_cache.configure(redis_url=bad, namespace="t-x")
+        assert "wrong-pw" not in str(info.value)
+        result = run_admin("stats", "--redis-url", bad, "--json")
+        assert result.returncode == 3, result.stderr
+        assert "refused access" in result.stderr
+        assert "wrong-pw" not in result.stderr
+    finally:
+        reset()
+        for server in servers:
+            server.close()
+
+
+def test_a_killed_node_does_not_raise_to_callers() -> None:
+    servers = start_cluster()
+    try:
+        namespace = f"t-{uuid.uuid4().hex[:8]}"
+        oqron_cache.configure(redis_url=cluster_url(servers), namespace=namespace)
+        runs: list[str] = []
+
+        def resolver(key: str) -> str:
+            runs.append(key)
+            return key.upper()
+
+        cache = oqron_cache.cache(f"c-{uuid.uuid4().hex[:8]}", ttl="1m", resolver=resolver)
+        raw = RedisCluster(host="127.0.0.1", port=servers[0].port, socket_timeout=5)
+        keys = spread_keys(raw, cache, "k", 30)
+        victim = node_of(raw, cache.stack.l2.keys.value(keys[0]))  # type: ignore[union-attr]
+        raw.close()
+        assert [cache.get(k) for k in keys] == [k.upper() for k in keys]
+        assert len(runs) == 30
+        next(s for s in servers if victim.endswith(f":{s.port}")).kill()
+        started = time.monotonic()
+        assert [cache.get(k) for k in keys] == [k.upper() for k in keys]  # L1
+        cache.stack.flush_l1()  # as if L1 had expired: L2, or the resolver where L2 is gone
+        assert [cache.get(k) for k in keys] == [k.upper() for k in keys]
+        cache.set(keys[0], "new")
+        cache.delete(keys[1])
+        cache.invalidate_pattern("k2*")
+        assert time.monotonic() - started < 30
+        assert cache.get_stats(local=True)["l2_errors"] >= 1
+        cache.close()
+    finally:
+        reset()
+        for server in servers:
+            server.close()
