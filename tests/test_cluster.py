@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any, cast
 
 import pytest
@@ -28,6 +30,7 @@ from oqron_cache.errors import ConfigurationError
 from oqron_cache.keys import glob_literal
 from tests.procs import ROOT
 from tests.redis_server import RedisServer, free_port
+from tests.worker_process import WorkerProcess
 
 NODES = 3
 
@@ -558,3 +561,50 @@ def test_a_killed_node_does_not_raise_to_callers() -> None:
         reset()
         for server in servers:
             server.close()
+
+
+def test_a_standalone_worker_refreshes_on_the_cluster(
+    url: str, raw: RedisCluster, tmp_path: Path
+) -> None:
+    """``celery -A workers worker`` with ``OQRON_REDIS_URL`` a cluster URL and a plain Redis
+    broker: a stale read here is refreshed in the worker, once, its fill written on the entry's
+    node and announced on the cluster's bus."""
+    from celery import Celery
+
+    from tests.procs import refresh_caches as rc
+    from tests.test_workers import OLD, Control, seed_stale
+
+    namespace = f"t-clw-{uuid.uuid4().hex[:6]}"
+    with RedisServer() as broker:
+        worker = WorkerProcess(tmp_path, broker.url, url, namespace, modules=rc.__name__)
+        try:
+            worker.wait_ready()
+            app = Celery("cluster-web", broker=broker.url)
+            app.conf.update(
+                task_serializer="json",
+                accept_content=["json"],
+                result_serializer="json",
+                result_accept_content=["json"],
+                task_ignore_result=True,
+            )
+            oqron_cache.configure(redis_url=url, celery_app=app, namespace=namespace)
+            keys = [f"k{i}" for i in range(6)]
+            for key in keys:
+                seed_stale(cast("Any", raw), namespace, rc.SWR, key)
+            l2 = rc.swr_cache.stack.l2
+            assert l2 is not None
+            assert len({node_of(raw, l2.keys.value(k)) for k in keys}) > 1  # several nodes
+
+            assert [rc.swr_cache.get(k) for k in keys] == [OLD] * len(keys)  # stale, at once
+            for key in keys:
+                worker.wait_for(re.escape(f"refresh {rc.SWR} {key}: refreshed"))
+            # The fills on the bus evict this process's stale copies.
+            for key in keys:
+                deadline = time.monotonic() + 5
+                while rc.swr_cache.get(key) != {"gen": "new", "n": 1}:
+                    assert time.monotonic() < deadline, f"{key}: {rc.swr_cache.get(key)!r}"
+                    time.sleep(0.01)
+                assert Control(cast("Any", raw), namespace, rc.SWR, key).calls == 1
+        finally:  # the cluster is this module's own: its keys go with it
+            worker.kill()
+            reset()

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, cast
@@ -25,6 +27,7 @@ from oqron_cache.clients import SentinelTarget, celery_broker, parse_sentinel_ur
 from oqron_cache.config import current_runtime, mask_url, validate_redis_url
 from oqron_cache.errors import ConfigurationError
 from tests.redis_server import RedisServer, SentinelServer
+from tests.worker_process import WorkerProcess
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -246,3 +249,43 @@ def test_the_standalone_worker_app_takes_its_broker_from_a_sentinel_redis_url() 
     broker, options = json.loads(out.stdout.strip().splitlines()[-1])
     assert broker == "sentinel://127.0.0.1:1/3;sentinel://127.0.0.1:2/3"
     assert options == {"master_name": "svc", "visibility_timeout": 7.0}
+
+
+def test_a_standalone_worker_on_a_sentinel_url_refreshes_through_its_default_broker(
+    sentinelled: Sentinelled, tmp_path: Path
+) -> None:
+    """``celery -A workers worker`` given only ``OQRON_REDIS_URL=redis+sentinel://...``: its
+    broker is the same master, through kombu's sentinel transport; a stale read in this
+    process is refreshed there, once."""
+    from celery import Celery
+
+    from tests.procs import refresh_caches as rc
+    from tests.test_workers import OLD, Control, seed_stale
+
+    namespace = f"t-sentw-{uuid.uuid4().hex[:6]}"
+    worker = WorkerProcess(tmp_path, None, sentinelled.url, namespace, modules=rc.__name__)
+    try:
+        worker.wait_ready()
+        broker, options = celery_broker(sentinelled.url)
+        app = Celery("sentinel-web", broker=broker)
+        app.conf.update(
+            broker_transport_options=options,
+            task_serializer="json",
+            accept_content=["json"],
+            result_serializer="json",
+            result_accept_content=["json"],
+            task_ignore_result=True,
+        )
+        oqron_cache.configure(redis_url=sentinelled.url, celery_app=app, namespace=namespace)
+        master = sentinelled.master.client()
+        seed_stale(master, namespace, rc.SWR, "k")
+
+        assert rc.swr_cache.get("k") == OLD  # stale, served at once; the worker refreshes it
+        worker.wait_for(re.escape(f"refresh {rc.SWR} k: refreshed"))
+        # The fill on the bus (subscribed through the sentinel's master) evicts this process's
+        # stale copy: the next reads find the new value in L2.
+        _wait(lambda: rc.swr_cache.get("k") == {"gen": "new", "n": 1}, "the new value", 5.0)
+        assert Control(master, namespace, rc.SWR, "k").calls == 1
+        assert master.llen("oqron_cache.refresh") == 0  # the broker's queue, on the master
+    finally:
+        worker.kill()

@@ -38,14 +38,16 @@ def _die_with_parent() -> None:  # pragma: no cover - runs in the child between 
 class WorkerProcess:
     """``celery -A workers worker -l info -c <concurrency> --pool prefork`` serving ``modules``.
 
-    ``prefix`` starts the worker's node name (``<prefix><6 hex>@host``); ``extra_args`` are
-    appended to the command line (``--without-mingle`` saves a 1 s neighbour search per start).
+    ``broker`` ``None`` leaves ``OQRON_BROKER_URL`` unset: the worker derives its broker from
+    the Redis URL. ``prefix`` starts the worker's node name (``<prefix><6 hex>@host``);
+    ``extra_args`` are appended to the command line (``--without-mingle`` saves a 1 s
+    neighbour search per start).
     """
 
     def __init__(
         self,
         log_dir: Path,
-        broker: str,
+        broker: str | None,
         redis_url: str,
         namespace: str,
         *,
@@ -59,12 +61,14 @@ class WorkerProcess:
         env = {
             **os.environ,
             "OQRON_REDIS_URL": redis_url,
-            "OQRON_BROKER_URL": broker,
+            "OQRON_BROKER_URL": broker or "",
             "OQRON_NAMESPACE": namespace,
             "OQRON_CACHE_MODULES": modules,
             "PYTHONPATH": str(ROOT),
             "PYTHONUNBUFFERED": "1",
         }
+        if broker is None:
+            del env["OQRON_BROKER_URL"]
         with self.log_path.open("wb") as log:
             self.proc = subprocess.Popen(
                 [

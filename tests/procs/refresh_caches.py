@@ -34,6 +34,7 @@ import redis
 
 import oqron_cache
 from oqron_cache import MemoryTier, RedisTier, Stampede
+from oqron_cache.clients import connect
 
 SWR = "wt_swr"  # lock 5 s: the headline, broker faults, a set racing a refresh
 CRASH = "wt_crash"  # lock 2 s: a worker killed mid-refresh
@@ -65,7 +66,7 @@ def _client(url: str) -> redis.Redis:
     with _clients_lock:
         client = _clients.get(ident)
         if client is None:
-            client = redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=5)
+            client = connect(url, socket_timeout=5, connect_timeout=5)  # any URL form
             _clients[ident] = client
         return client
 
