@@ -339,14 +339,15 @@ def _connect_cluster(target: ClusterTarget, options: dict[str, Any], retries: in
         return cast("redis.Redis", PendingCluster(make, exc))
 
 
-def celery_broker(url: str) -> tuple[str, dict[str, Any]]:
+def celery_broker(url: str, url_name: str = "redis_url") -> tuple[str, dict[str, Any]]:
     """Celery's broker URL and ``broker_transport_options`` for the Redis that ``url`` names.
 
     A plain URL is returned as it is. A ``redis+sentinel://`` URL becomes kombu's form: one
     ``sentinel://`` URL per sentinel, joined by ``;`` (each carries the master's credentials and
     db), with the service name as the ``master_name`` transport option and the sentinels' own
     credentials, if any, in ``sentinel_kwargs``. A cluster URL raises
-    :class:`ConfigurationError`: kombu cannot use a Redis Cluster as a broker.
+    :class:`ConfigurationError`: kombu cannot use a Redis Cluster as a broker. ``url_name``
+    names the setting in errors.
     """
     if is_cluster_url(url):
         raise ConfigurationError(
@@ -356,7 +357,7 @@ def celery_broker(url: str) -> tuple[str, dict[str, Any]]:
         )
     if urlsplit(url).scheme != SENTINEL_SCHEME:
         return url, {}
-    target = parse_sentinel_url(url)
+    target = parse_sentinel_url(url, url_name)
     userinfo = ""
     if target.username is not None or target.password is not None:
         userinfo = (

@@ -30,6 +30,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any, cast
 
+from .clients import celery_broker
 from .config import mask_url
 from .tasks import REFRESH_TASK
 
@@ -65,8 +66,8 @@ def make_app(broker_url: str, prefix: str | None = None) -> Any:
     """
     from celery import Celery
 
-    app = Celery("oqron-demo", broker=broker_url, set_as_current=False)
-    options: dict[str, Any] = {}
+    broker, options = celery_broker(broker_url)  # a redis+sentinel:// URL in kombu's form
+    app = Celery("oqron-demo", broker=broker, set_as_current=False)
     if prefix:
         options["global_keyprefix"] = prefix
     if broker_url.startswith("memory://"):
@@ -134,7 +135,9 @@ class WorkerProcess(_Outcomes):
         self.node = ""
         self.tail: collections.deque[str] = collections.deque(maxlen=20)
         self.problems: list[str] = []
-        transport = json.dumps({"global_keyprefix": prefix})
+        # On the command line, this replaces the worker's own transport options: keep the
+        # sentinel's master name (workers/ derives it from the same URL) next to the prefix.
+        transport = json.dumps({**celery_broker(broker_url)[1], "global_keyprefix": prefix})
         self.command = "celery -A workers worker -l info"
         argv = [
             sys.executable,

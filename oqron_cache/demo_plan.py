@@ -14,6 +14,7 @@ import os
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from .clients import is_cluster_url
 from .config import mask_url
 from .demo_console import Printer
 from .demo_participant import Participant
@@ -82,6 +83,11 @@ def plan_run(options: DemoOptions) -> tuple[Plan, DemoOptions]:
             f"running on the memory tier (L1) alone, in {how}."
         )  # one line on purpose: easy to spot and to grep
         return plan, replace(options, processes=1)
+    if no_celery is None and is_cluster_url(options.redis_url):
+        if not os.environ.get("OQRON_BROKER_URL"):  # kombu cannot queue on a Redis Cluster
+            no_celery = "a Redis Cluster cannot be the Celery broker and OQRON_BROKER_URL is unset"
+        elif not options.external_worker:
+            no_celery = "the demo starts its worker on the cache's Redis, here a Redis Cluster"
     if options.external_worker:
         namespace = options.namespace or os.environ.get("OQRON_NAMESPACE") or "oqron"
         plan = Plan(options.redis_url, namespace, own_namespace=False)

@@ -608,3 +608,16 @@ def test_a_standalone_worker_refreshes_on_the_cluster(
         finally:  # the cluster is this module's own: its keys go with it
             worker.kill()
             reset()
+
+
+def test_the_demo_on_a_cluster_url_says_why_it_runs_without_a_worker(url: str) -> None:
+    from tests.test_demo_cli import ints, run_cli, table
+
+    result = run_cli("demo", "--quick", "--redis-url", url)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "Traceback" not in result.stdout + result.stderr
+    assert "a Redis Cluster cannot be the Celery broker" in result.stdout
+    rows = table(result.stdout)
+    assert ints(rows["resolver calls"]) == [1, 1, 1], result.stdout
+    assert ints(rows["errors"]) == [0, 0, 0]
+    assert "removed the demo's" in result.stdout

@@ -230,14 +230,18 @@ def test_the_translated_broker_reaches_the_master_through_kombu(sentinelled: Sen
         queue.close()
 
 
-def test_the_standalone_worker_app_takes_its_broker_from_a_sentinel_redis_url() -> None:
+@pytest.mark.parametrize("variable", ["OQRON_REDIS_URL", "OQRON_BROKER_URL"])
+def test_the_standalone_worker_app_takes_a_sentinel_url_as_its_broker(variable: str) -> None:
+    """From the cache's URL (no broker given), or given as the broker itself."""
     env = {
         **os.environ,
-        "OQRON_REDIS_URL": "redis+sentinel://127.0.0.1:1,127.0.0.1:2/svc/3",
+        "OQRON_REDIS_URL": "redis://127.0.0.1:9/0",
+        variable: "redis+sentinel://127.0.0.1:1,127.0.0.1:2/svc/3",
         "OQRON_VISIBILITY_TIMEOUT": "7",
         "PYTHONPATH": str(ROOT),
     }
-    env.pop("OQRON_BROKER_URL", None)
+    if variable != "OQRON_BROKER_URL":
+        env.pop("OQRON_BROKER_URL", None)
     script = (
         "import json, workers; c = workers.app.conf; "
         "print(json.dumps([c.broker_url, c.broker_transport_options]))"
@@ -289,3 +293,26 @@ def test_a_standalone_worker_on_a_sentinel_url_refreshes_through_its_default_bro
         assert master.llen("oqron_cache.refresh") == 0  # the broker's queue, on the master
     finally:
         worker.kill()
+
+
+def _calls(client: redis.Redis, command: str) -> int:
+    stats = cast("dict[str, Any]", client.info("commandstats"))
+    return int(stats.get(f"cmdstat_{command}", {}).get("calls", 0))
+
+
+def test_the_demo_on_a_sentinel_url_queues_its_refresh_on_the_master(
+    sentinelled: Sentinelled,
+) -> None:
+    """The demo's worker and processes reach the broker through the sentinel: its queue is on
+    the master (kombu given the raw redis+sentinel:// URL would quietly use localhost:6379)."""
+    from tests.test_demo_cli import ints, run_cli, table
+
+    master = sentinelled.master.client()
+    before = _calls(master, "lpush"), _calls(master, "brpop")
+    result = run_cli("demo", "--quick", "--redis-url", sentinelled.url)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "notice:" not in result.stdout, result.stdout
+    rows = table(result.stdout)
+    assert ints(rows["in the Celery worker"]) == [0, 0, 1], result.stdout
+    assert _calls(master, "lpush") > before[0]  # the refresh task was queued there
+    assert _calls(master, "brpop") > before[1]  # and the worker took it from there

@@ -36,7 +36,8 @@ from oqron_cache.errors import ConfigurationError
 redis_url = os.environ.get("OQRON_REDIS_URL", "redis://127.0.0.1:6379/0")
 _transport: dict[str, Any]
 if os.environ.get("OQRON_BROKER_URL"):
-    broker_url, _transport = os.environ["OQRON_BROKER_URL"], {}
+    # A redis+sentinel:// broker URL too becomes kombu's sentinel:// form.
+    broker_url, _transport = celery_broker(os.environ["OQRON_BROKER_URL"], "OQRON_BROKER_URL")
 elif is_cluster_url(redis_url):
     raise ConfigurationError(
         "OQRON_REDIS_URL is a Redis Cluster, which cannot be the Celery broker (kombu does not "
