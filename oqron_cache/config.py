@@ -195,6 +195,15 @@ def check_celery_app(app: Any) -> None:
         accepted = conf.get(setting) or []
         if any(_is_pickle(item) for item in accepted):
             raise ConfigurationError(f"pickle is not allowed; use json (celery {setting})")
+    broker = str(conf.get("broker_url") or "")
+    scheme = broker.partition("://")[0] if "://" in broker else ""
+    if scheme in ("redis+sentinel", "rediss+sentinel", "redis+cluster", "rediss+cluster"):
+        # kombu reads "redis+x://..." as transport "redis" with no host: localhost:6379.
+        raise ConfigurationError(
+            f"celery broker_url {scheme}:// is this library's URL form, not kombu's: kombu "
+            "would queue on localhost:6379; give Celery oqron_cache.clients.celery_broker(url) "
+            "(a sentinel:// URL and its broker_transport_options)"
+        )
 
 
 def _is_pickle(content_type: object) -> bool:

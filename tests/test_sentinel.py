@@ -316,3 +316,14 @@ def test_the_demo_on_a_sentinel_url_queues_its_refresh_on_the_master(
     assert ints(rows["in the Celery worker"]) == [0, 0, 1], result.stdout
     assert _calls(master, "lpush") > before[0]  # the refresh task was queued there
     assert _calls(master, "brpop") > before[1]  # and the worker took it from there
+
+
+@pytest.mark.parametrize("broker", ["redis+sentinel://h/m", "redis+cluster://h:1"])
+def test_a_celery_app_given_this_librarys_url_form_as_its_broker_is_refused(broker: str) -> None:
+    from celery import Celery
+
+    app = Celery("sentinel-misconfigured", broker=broker)
+    app.conf.update(accept_content=["json"], task_serializer="json")
+    with pytest.raises(ConfigurationError, match="celery_broker"):
+        oqron_cache.configure(celery_app=app, namespace="sentinel-broker")
+    assert oqron_cache.config.current_runtime(create=False) is None
