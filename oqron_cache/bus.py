@@ -25,6 +25,8 @@ from typing import Any
 
 import redis
 
+from .clients import refresh_layout
+
 log = logging.getLogger("oqron_cache.bus")
 
 MAX_MESSAGE_BYTES = 1 << 20
@@ -155,6 +157,7 @@ class Bus:
                 backoff = 0.05
             except Exception as exc:
                 log.debug("bus connection lost: %s", exc)
+                refresh_layout(self.client)  # a cluster: the node may have failed over
             finally:
                 self._lost()
                 if pubsub is not None:

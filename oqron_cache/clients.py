@@ -26,6 +26,7 @@ standalone worker whose broker defaults to the cache's Redis.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from dataclasses import dataclass
@@ -304,6 +305,11 @@ class PendingCluster:
 
         return later
 
+    @property
+    def made(self) -> RedisCluster | None:
+        """The cluster client, if it was made already."""
+        return self._client
+
     def close(self) -> None:
         """Close the client if it was made."""
         if self._client is not None:
@@ -313,6 +319,21 @@ class PendingCluster:
 def is_cluster_client(client: object) -> bool:
     """Is ``client`` (as :func:`connect` returned it) a Redis Cluster client?"""
     return isinstance(client, (RedisCluster, PendingCluster))
+
+
+def refresh_layout(client: object) -> None:
+    """A cluster client asks the nodes for the slot layout again; anything else: nothing.
+
+    After a primary dies and its replica takes over, the client keeps the dead node's address
+    for those slots until a command of its own is redirected; a pub/sub connection, which
+    sends no such command, would reconnect to the dead node forever. Failures are left to the
+    next attempt.
+    """
+    if isinstance(client, PendingCluster):
+        client = client.made
+    if isinstance(client, RedisCluster):
+        with contextlib.suppress(RedisClusterException, redis.RedisError, OSError):
+            client.nodes_manager.initialize()  # type: ignore[no-untyped-call]
 
 
 def _connect_cluster(target: ClusterTarget, options: dict[str, Any], retries: int) -> redis.Redis:

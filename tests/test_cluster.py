@@ -49,18 +49,32 @@ def _cluster_args(i: int) -> list[str]:
     ]
 
 
-def start_cluster(password: str | None = None) -> list[RedisServer]:
-    """Three private primaries holding every slot, once the cluster says ``ok``."""
+def _settled(client: Any) -> bool:
+    """The node sees the cluster ``ok``, and, a replica, is in sync with its primary."""
+    if cast("dict[str, Any]", client.cluster("INFO"))["cluster_state"] != "ok":
+        return False
+    replication = cast("dict[str, Any]", client.info("replication"))
+    return replication["role"] == "master" or replication.get("master_link_status") == "up"
+
+
+def start_cluster(password: str | None = None, replicas: int = 0) -> list[RedisServer]:
+    """Three private primaries holding every slot (and ``replicas`` replicas of each, in sync
+    and free to take over at once), once the cluster says ``ok``."""
     auth = ["--requirepass", password, "--masterauth", password] if password else []
+    # A replica that has not finished its first sync refuses to fail over (its data is "too
+    # old"): sync at once, and let any replica take over whatever the age of its data.
+    sync = ["--repl-diskless-sync-delay", "0", "--cluster-replica-validity-factor", "0"]
+    extra = auth + (sync if replicas else [])
     servers = [
-        RedisServer(extra_args=_cluster_args(i) + auth, password=password) for i in range(NODES)
+        RedisServer(extra_args=_cluster_args(i) + extra, password=password)
+        for i in range(NODES * (1 + replicas))
     ]
     try:
         subprocess.run(
             ["redis-cli", *(["-a", password, "--no-auth-warning"] if password else [])]
             + ["--cluster", "create"]
             + [f"127.0.0.1:{s.port}" for s in servers]
-            + ["--cluster-replicas", "0", "--cluster-yes"],
+            + ["--cluster-replicas", str(replicas), "--cluster-yes"],
             check=True,
             capture_output=True,
             timeout=30,
@@ -68,7 +82,7 @@ def start_cluster(password: str | None = None) -> list[RedisServer]:
         deadline = time.monotonic() + 20
         for server in servers:
             client = server.client()
-            while cast("dict[str, Any]", client.cluster("INFO"))["cluster_state"] != "ok":
+            while not _settled(client):
                 if time.monotonic() > deadline:
                     raise RuntimeError(f"cluster not ok on {server.url}")
                 time.sleep(0.05)
@@ -621,3 +635,47 @@ def test_the_demo_on_a_cluster_url_says_why_it_runs_without_a_worker(url: str) -
     assert ints(rows["resolver calls"]) == [1, 1, 1], result.stdout
     assert ints(rows["errors"]) == [0, 0, 0]
     assert "removed the demo's" in result.stdout
+
+
+def test_the_bus_follows_a_failover_and_carries_evictions_again(tmp_path: Path) -> None:
+    """The primary serving the bus's channel dies; its replica takes over. This process's bus
+    resubscribes (L1 is off meanwhile, P7), and then hears another process's delete."""
+    servers = start_cluster(replicas=1)
+    try:
+        url = cluster_url(servers, seeds=NODES * 2)
+        namespace = f"t-{uuid.uuid4().hex[:8]}"
+        oqron_cache.configure(redis_url=url, namespace=namespace)
+        runtime = oqron_cache.config.current_runtime()
+        bus = runtime.bus
+        assert bus is not None and bus.healthy
+        cache = oqron_cache.cache(f"c-{uuid.uuid4().hex[:8]}", ttl="10m")
+        with RedisCluster(host="127.0.0.1", port=servers[0].port, socket_timeout=5) as raw:
+            port = raw.get_node_from_key(bus.channel).port
+        victim = next(server for server in servers if server.port == port)
+        victim.kill()
+        deadline = time.monotonic() + 30
+        while bus.healthy:  # noticed at once (the connection resets)
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        while not bus.healthy:  # the replica is promoted: back on it
+            assert time.monotonic() < deadline, "the bus never came back after the failover"
+            time.sleep(0.05)
+        assert bus.reconnects >= 1
+
+        cache.set("k", "v")
+        assert cache.get("k") == "v"
+        l1 = cache.stack.l1
+        assert l1 is not None and l1.get("k") is not None
+        child = ClusterChild(url, namespace, cache.name)
+        try:
+            assert child.ask("delete", "k") is None
+            while l1.get("k") is not None:  # the delete's bus message evicts our copy
+                assert time.monotonic() < deadline, "the eviction never arrived"
+                time.sleep(0.01)
+        finally:
+            child.close()
+        cache.close()
+    finally:
+        reset()
+        for server in servers:
+            server.close()

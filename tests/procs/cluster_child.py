@@ -7,6 +7,7 @@ line on stdout:
 
 ``get K...``   ``cache.get`` of each key: the values.
 ``held K...``  for each key, whether this process's L1 holds it.
+``delete K...`` ``cache.delete`` of each key: ``null`` once done.
 ``exit``       exits.
 """
 
@@ -29,6 +30,10 @@ def main() -> None:
         cmd, *keys = line.split()
         if cmd == "get":
             print(json.dumps([cache.get(k) for k in keys]), flush=True)
+        elif cmd == "delete":
+            for k in keys:
+                cache.delete(k)
+            print(json.dumps(None), flush=True)
         elif cmd == "held":
             l1 = cache.stack.l1
             assert l1 is not None
