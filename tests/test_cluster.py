@@ -57,6 +57,19 @@ def _settled(client: Any) -> bool:
     return replication["role"] == "master" or replication.get("master_link_status") == "up"
 
 
+def _wait_replicated(primary: RedisServer, timeout: float = 10.0) -> None:
+    """Until the primary's replica has acknowledged everything the primary has written."""
+    client = primary.client()
+    deadline = time.monotonic() + timeout
+    while True:
+        info = cast("dict[str, Any]", client.info("replication"))
+        replica = info.get("slave0")
+        if isinstance(replica, dict) and int(replica["offset"]) >= int(info["master_repl_offset"]):
+            return
+        assert time.monotonic() < deadline, f"the replica lags: {info}"
+        time.sleep(0.02)
+
+
 def start_cluster(password: str | None = None, replicas: int = 0) -> list[RedisServer]:
     """Three private primaries holding every slot (and ``replicas`` replicas of each, in sync
     and free to take over at once), once the cluster says ``ok``."""
@@ -655,7 +668,7 @@ def test_the_bus_follows_a_failover_and_carries_evictions_again(tmp_path: Path) 
         written = [f"p{i}" for i in range(30)]  # on every primary, the victim's included
         for key in written:
             cache.set(key, key)
-        time.sleep(0.5)  # replicated (asynchronously) before the primary dies
+        _wait_replicated(victim)  # replication is asynchronous: all there before the kill
         victim.kill()
         deadline = time.monotonic() + 30
         while bus.healthy:  # noticed at once (the connection resets)
