@@ -25,7 +25,7 @@ from typing import Any
 
 import redis
 
-from .clients import refresh_layout
+from .cluster import refresh_layout
 
 log = logging.getLogger("oqron_cache.bus")
 

@@ -18,10 +18,10 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qs, urlsplit, urlunsplit
 
-from .clients import check_url
 from .durations import Duration, parse_duration
 from .errors import ConfigurationError
 from .keys import validate_namespace
+from .redis_urls import check_url
 
 log = logging.getLogger("oqron_cache")
 

@@ -14,11 +14,11 @@ import os
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from .clients import is_cluster_url
 from .config import mask_url
 from .demo_console import Printer
 from .demo_participant import Participant
 from .demo_resolver import quiet_client
+from .redis_urls import is_cluster_url
 
 WORKER_TIMEOUT = 30.0  # a worker we start must be ready within this
 EXTERNAL_TIMEOUT = 180.0  # a worker started by someone else (compose installs first)

@@ -25,7 +25,7 @@ from redis.exceptions import RedisClusterException, RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from ..breaker import CircuitBreaker
-from ..clients import is_cluster_client
+from ..cluster import is_cluster_client
 from ..keys import KeySpace
 from . import scripts
 
