@@ -30,7 +30,7 @@ from oqron_cache.errors import ConfigurationError
 from oqron_cache.keys import glob_literal
 from tests.procs import ROOT
 from tests.redis_server import RedisServer, free_port
-from tests.worker_process import WorkerProcess
+from tests.worker_process import WorkerProcess, web_app
 
 NODES = 3
 
@@ -596,7 +596,6 @@ def test_a_standalone_worker_refreshes_on_the_cluster(
     """``celery -A workers worker`` with ``OQRON_REDIS_URL`` a cluster URL and a plain Redis
     broker: a stale read here is refreshed in the worker, once, its fill written on the entry's
     node and announced on the cluster's bus."""
-    from celery import Celery
 
     from tests.procs import refresh_caches as rc
     from tests.test_workers import OLD, Control, seed_stale
@@ -606,14 +605,7 @@ def test_a_standalone_worker_refreshes_on_the_cluster(
         worker = WorkerProcess(tmp_path, broker.url, url, namespace, modules=rc.__name__)
         try:
             worker.wait_ready()
-            app = Celery("cluster-web", broker=broker.url)
-            app.conf.update(
-                task_serializer="json",
-                accept_content=["json"],
-                result_serializer="json",
-                result_accept_content=["json"],
-                task_ignore_result=True,
-            )
+            app = web_app("cluster-web", broker.url)
             oqron_cache.configure(redis_url=url, celery_app=app, namespace=namespace)
             keys = [f"k{i}" for i in range(6)]
             for key in keys:

@@ -27,7 +27,7 @@ from oqron_cache.clients import SentinelTarget, celery_broker, parse_sentinel_ur
 from oqron_cache.config import current_runtime, mask_url, validate_redis_url
 from oqron_cache.errors import ConfigurationError
 from tests.redis_server import RedisServer, SentinelServer
-from tests.worker_process import WorkerProcess
+from tests.worker_process import WorkerProcess, web_app
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -261,7 +261,6 @@ def test_a_standalone_worker_on_a_sentinel_url_refreshes_through_its_default_bro
     """``celery -A workers worker`` given only ``OQRON_REDIS_URL=redis+sentinel://...``: its
     broker is the same master, through kombu's sentinel transport; a stale read in this
     process is refreshed there, once."""
-    from celery import Celery
 
     from tests.procs import refresh_caches as rc
     from tests.test_workers import OLD, Control, seed_stale
@@ -271,15 +270,7 @@ def test_a_standalone_worker_on_a_sentinel_url_refreshes_through_its_default_bro
     try:
         worker.wait_ready()
         broker, options = celery_broker(sentinelled.url)
-        app = Celery("sentinel-web", broker=broker)
-        app.conf.update(
-            broker_transport_options=options,
-            task_serializer="json",
-            accept_content=["json"],
-            result_serializer="json",
-            result_accept_content=["json"],
-            task_ignore_result=True,
-        )
+        app = web_app("sentinel-web", broker, options)
         oqron_cache.configure(redis_url=sentinelled.url, celery_app=app, namespace=namespace)
         master = sentinelled.master.client()
         seed_stale(master, namespace, rc.SWR, "k")

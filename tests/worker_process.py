@@ -20,6 +20,7 @@ import time
 import uuid
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 WORKER_READY = 40.0  # seconds a worker may take to print "ready." on a loaded 2-core machine
@@ -116,3 +117,19 @@ class WorkerProcess:
             os.killpg(self.pid, signal.SIGKILL)
         with contextlib.suppress(subprocess.TimeoutExpired):
             self.proc.wait(timeout=10)
+
+
+def web_app(name: str, broker: str, transport_options: dict[str, Any] | None = None) -> Any:
+    """A Celery app for the test process's side of a worker test: JSON only, no results."""
+    from celery import Celery
+
+    app = Celery(name, broker=broker)
+    app.conf.update(
+        broker_transport_options=transport_options or {},
+        task_serializer="json",
+        accept_content=["json"],
+        result_serializer="json",
+        result_accept_content=["json"],
+        task_ignore_result=True,
+    )
+    return app
