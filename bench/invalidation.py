@@ -206,9 +206,7 @@ class PingProbe:
 
 
 def bulk_fill(cache: Any, client: redis.Redis, items: Iterable[tuple[str, Any]]) -> int:
-    """Write entries as fills do (envelope, tag-set member), pipelined; return how many."""
-    from oqron_cache.invalidation import _member
-
+    """Write entries as fills do (envelope, tag index member), pipelined; return how many."""
     stack = cache.stack
     l2 = stack.l2
     ttl_ms = int((stack.opts.ttl + stack.opts.stale_ttl) * 1000)
@@ -219,7 +217,7 @@ def bulk_fill(cache: Any, client: redis.Redis, items: Iterable[tuple[str, Any]])
         entry = stack._entry(key, value, 0.0)
         pipe.set(l2.keys.value(key), stack._encode(key, entry), px=ttl_ms)
         for tag in entry.tags:
-            pipe.sadd(l2.keys.tag_set(tag), _member(l2.keys.encoded(key), entry.version))
+            pipe.zadd(l2.keys.tag_set(tag), {l2.keys.encoded(key): int(time.time() * 1e6)})
             tags.add(tag)
         count += 1
         if count % 5000 == 0:

@@ -245,14 +245,15 @@ class L2StoreContract:
 
     def test_fill_is_a_compare_and_set_on_the_version(self, store: L2Store) -> None:
         first = _envelope("first")
-        assert store.fill("k", NO_VERSION, first, 60, "", b"m")  # absent, as the loader saw it
+        # Absent, as the loader saw it:
+        assert store.fill("k", NO_VERSION, first, 60, "", b"m")[0] == 1
         assert store.read("k") == first
-        assert not store.fill("k", NO_VERSION, _envelope("late"), 60, "", b"m")
+        assert store.fill("k", NO_VERSION, _envelope("late"), 60, "", b"m")[0] == 0
         assert store.read("k") == first
         second = _envelope("second")
-        assert store.fill("k", _version(first), second, 60, "", b"m")
+        assert store.fill("k", _version(first), second, 60, "", b"m")[0] == 1
         assert store.read("k") == second
-        assert not store.fill("k", _version(first), _envelope("again"), 60, "", b"m")
+        assert store.fill("k", _version(first), _envelope("again"), 60, "", b"m")[0] == 0
         assert store.read("k") == second
 
     def test_fill_loses_to_a_put_made_during_the_load(self, store: L2Store) -> None:
@@ -260,7 +261,7 @@ class L2StoreContract:
         store.put("k", old, 60, b"m")
         newer = _envelope("set meanwhile")
         store.put("k", newer, 60, b"m")
-        assert not store.fill("k", _version(old), _envelope("loaded"), 60, "", b"m")
+        assert store.fill("k", _version(old), _envelope("loaded"), 60, "", b"m")[0] == 0
         assert store.read("k") == newer
 
     def test_tombstone_makes_an_older_fill_fail(self, store: L2Store) -> None:
@@ -270,20 +271,20 @@ class L2StoreContract:
         store.tombstone("k", tombstone, 10, b"m")
         assert store.read("k") == tombstone
         assert 0 < self._pttl(store, "k") <= 10_000
-        assert not store.fill("k", _version(old), _envelope("loaded before"), 60, "", b"m")
-        assert not store.fill("k", NO_VERSION, _envelope("loaded before"), 60, "", b"m")
+        assert store.fill("k", _version(old), _envelope("loaded before"), 60, "", b"m")[0] == 0
+        assert store.fill("k", NO_VERSION, _envelope("loaded before"), 60, "", b"m")[0] == 0
         assert store.read("k") == tombstone
         after = _envelope("loaded after the delete")
-        assert store.fill("k", _version(tombstone), after, 60, "", b"m")
+        assert store.fill("k", _version(tombstone), after, 60, "", b"m")[0] == 1
         assert store.read("k") == after
 
     def test_fill_releases_only_the_fillers_lock_even_when_it_loses(self, store: L2Store) -> None:
         store.put("k", _envelope("set meanwhile"), 60, b"m")
         assert store.acquire("k", "filler", 30)
-        assert not store.fill("k", NO_VERSION, _envelope("loaded"), 60, "filler", b"m")
+        assert store.fill("k", NO_VERSION, _envelope("loaded"), 60, "filler", b"m")[0] == 0
         assert store.acquire("k", "next", 30)  # the losing fill released its lock
         current = _version(store.read("k"))
-        assert store.fill("k", current, _envelope("filled"), 60, "filler", b"m")
+        assert store.fill("k", current, _envelope("filled"), 60, "filler", b"m")[0] == 1
         assert not store.acquire("k", "third", 30)  # "next" still holds it
 
     def test_acquire_is_exclusive_and_only_the_token_releases(self, store: L2Store) -> None:
@@ -346,8 +347,8 @@ class L2StoreContract:
             old = _envelope("old")
             store.publish(mark + b"publish")
             store.put("k", old, 60, mark + b"put")
-            assert not store.fill("k", NO_VERSION, _envelope(), 60, "", mark + b"lost fill")
-            assert store.fill("k", _version(old), _envelope(), 60, "", mark + b"fill")
+            assert store.fill("k", NO_VERSION, _envelope(), 60, "", mark + b"lost fill")[0] == 0
+            assert store.fill("k", _version(old), _envelope(), 60, "", mark + b"fill")[0] == 1
             store.tombstone("k", _tombstone(), 10, mark + b"tombstone")
             store.publish(mark + b"end")
             heard = _messages(pubsub, mark, mark + b"end")

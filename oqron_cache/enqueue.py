@@ -35,7 +35,16 @@ REFRESH_QUEUE = "oqron_cache.refresh"
 
 
 class BrokerUnavailable(OqronCacheError, ConnectionError):
-    """The broker did not take a task within the enqueue budget (or its breaker is open)."""
+    """The broker did not take a task within the enqueue budget (or its breaker is open).
+
+    ``pending`` is the publish still under way when the budget ran out (it could not be
+    cancelled: the publisher thread had started it, so the task may still be sent when the
+    broker answers); ``None`` when the task was certainly not sent.
+    """
+
+    def __init__(self, message: str, *, pending: Future[None] | None = None) -> None:
+        super().__init__(message)
+        self.pending = pending
 
 
 def refresh_task_id(cache: str, key: str, token: str) -> str:
@@ -117,7 +126,14 @@ class Enqueuer:
         except FutureTimeout:
             log.warning("broker did not take a task within %.2fs", self.budget)
             self.breaker.failure()
-            raise BrokerUnavailable(f"broker did not answer within {self.budget}s") from None
+            if future.cancel():  # still queued behind a stuck publish: it will never be sent
+                raise BrokerUnavailable(
+                    f"broker did not answer within {self.budget}s; the task was not sent"
+                ) from None
+            raise BrokerUnavailable(
+                f"broker did not answer within {self.budget}s; the task may still be sent",
+                pending=future,
+            ) from None
         except Exception as exc:
             log.warning("broker refused a task: %s: %s", type(exc).__name__, exc)
             self.breaker.failure()

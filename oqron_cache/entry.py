@@ -4,7 +4,8 @@ Envelope layout (DESIGN section 7), one Redis string per entry::
 
     offset  size  field
     0       1     format version (1)
-    1       1     flags: bit 0 = tombstone, bits 4-7 = codec id
+    1       1     flags: bit 0 = tombstone, bit 1 = written (a set or a delete, not a fill),
+                  bits 4-7 = codec id
     2       8     entry version (random bytes; compared by Lua for compare-and-set)
     10      8     created_at   (float64, wall clock seconds)
     18      8     fresh_until  (float64)
@@ -16,6 +17,11 @@ Envelope layout (DESIGN section 7), one Redis string per entry::
 
 The version sits at a fixed offset so Lua can compare it with ``string.sub`` without decoding.
 Anything that does not parse (wrong format byte, short, a pickle someone planted) is a miss.
+
+The *written* flag orders writes against fills where a compare-and-set on the version cannot: a
+value someone wrote (``set()``, a write-through chain, a delete's tombstone) replaces any fill,
+whatever the fill's ``created_at``, because a fill's value was read from the origin at some
+unknown instant before it; two writes are ordered by their ``created_at``.
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ _HEADER = struct.Struct(">BB8sddddH")
 HEADER_SIZE = _HEADER.size  # 44
 VERSION_OFFSET = 2
 FLAG_TOMBSTONE = 0x01
+FLAG_WRITTEN = 0x02
 NO_VERSION = b""  # the "seen version" of an absent entry
 
 
@@ -53,6 +60,7 @@ class Entry:
     delta: float = 0.0
     tombstone: bool = False
     size: int = field(default=0, compare=False)
+    written: bool = False  # a set() or a delete made it (FLAG_WRITTEN), not a fill
 
 
 class Corrupt(Exception):
@@ -62,7 +70,11 @@ class Corrupt(Exception):
 def pack(entry: Entry, codec_id: int, payload: bytes) -> bytes:
     """Serialize ``entry``'s metadata around an already-encoded ``payload``."""
     tags = json.dumps(list(entry.tags), separators=(",", ":")).encode() if entry.tags else b""
-    flags = (codec_id << 4) | (FLAG_TOMBSTONE if entry.tombstone else 0)
+    flags = (
+        (codec_id << 4)
+        | (FLAG_TOMBSTONE if entry.tombstone else 0)
+        | (FLAG_WRITTEN if entry.written or entry.tombstone else 0)
+    )
     header = _HEADER.pack(
         FORMAT,
         flags,
@@ -94,7 +106,16 @@ def unpack(raw: bytes) -> tuple[Entry, int, memoryview]:
             raise Corrupt("bad tags")
         tags = tuple(decoded)
     entry = Entry(
-        None, created, fresh, stale, version, tags, delta, bool(flags & FLAG_TOMBSTONE), len(raw)
+        None,
+        created,
+        fresh,
+        stale,
+        version,
+        tags,
+        delta,
+        bool(flags & FLAG_TOMBSTONE),
+        len(raw),
+        bool(flags & FLAG_WRITTEN),
     )
     return entry, flags >> 4, memoryview(raw)[end:]
 

@@ -170,15 +170,17 @@ class Cache:
         a cache without Redis, or Redis being unreachable (then ``"scope"`` says ``"local"``).
         """
         stack = self._stack
+        runtime = stack.runtime if stack is not None else None
+        recovery = runtime.recovery if runtime is not None else None
+        pending = {"writes_pending": recovery.count(self.name) if recovery is not None else 0}
         if not local and stack is not None and stack.l2 is not None:
-            runtime = stack.runtime
             sync = runtime.stats_sync if runtime is not None else None
             if sync is not None:
                 try:
-                    return {**sync.read(stack), "scope": "cluster"}
+                    return {**sync.read(stack), **pending, "scope": "cluster"}
                 except L2Unavailable:
                     pass
-        return {**self.stats.snapshot(), "scope": "local"}
+        return {**self.stats.snapshot(), **pending, "scope": "local"}
 
     def close(self) -> None:
         """Unregister this cache (its name can be declared again)."""

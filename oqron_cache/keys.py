@@ -195,7 +195,12 @@ class KeySpace:
         return f"oqron:{self.namespace}:{{{escape(self.cache)}}}:"
 
     def tag_set(self, tag: str) -> str:
-        """The set indexing the entries that carry ``tag`` (members: encoded key + version)."""
+        """The index of the entries that carry ``tag``: a sorted set of encoded keys, scored
+        with the Redis time each was last indexed at."""
+        return f"{self.cache_slot}tagi:{escape(tag)}"
+
+    def legacy_tag_set(self, tag: str) -> str:
+        """The plain set of ``<encoded key>|<version hex>`` that versions before 0.2 kept."""
         return f"{self.cache_slot}tag:{escape(tag)}"
 
     def invalidations(self) -> str:

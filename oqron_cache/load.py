@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from .entry import NO_VERSION
 from .keys import printable
-from .store import store
+from .store import Basis, store
 from .tiers.redis import L2Unavailable
 
 if TYPE_CHECKING:
@@ -41,10 +41,10 @@ def load_as_leader(
         if item is not None and stack.clock() < item.fresh_until:
             return item.value
     if stack.l2 is None or not stack.opts.stampede.enabled:
-        started_us = redis_time(stack)
+        stamp, began = stack.stamp(key), time.monotonic()
         found = stack._read_l2(key, recheck=True)
-        seen = found.seen if found else NO_VERSION
-        return compute(stack, key, resolver, seen, "", fallback, started_us)
+        basis = found.basis() if found is not None else Basis(NO_VERSION, stamp, began)
+        return compute(stack, key, resolver, basis, fallback)
     lock_ttl = stack.opts.stampede.lock_ttl
     deadline = time.monotonic() + lock_ttl
     waiters = stack.runtime.bus.waiters if stack.runtime and stack.runtime.bus else None
@@ -57,29 +57,34 @@ def load_as_leader(
     try:
         while True:
             if found is None:  # L2 unavailable: nobody to coordinate with
-                return compute(stack, key, resolver, NO_VERSION, "", fallback)
+                basis = Basis(NO_VERSION, stack.stamp(key), time.monotonic())
+                return compute(stack, key, resolver, basis, fallback)
             if found.entry is not None and stack.clock() < found.entry.fresh_until:
                 if waited:
                     stack.stats.incr("stampede_prevented")
-                stack._put_l1(key, found.entry, found.epoch)
+                stack._put_l1(key, found.entry, found.stamp)
                 return found.entry.value
             # One round trip: try the lock and read the entry again (a holder may have
             # filled it since our read; if so we must not load it a second time).
             token = secrets.token_hex(16)
-            epoch = stack.epoch
+            stamp, began = stack.stamp(key), time.monotonic()
             try:
                 won, raw, redis_now, _ = stack.l2.acquire_or_read(key, token, lock_ttl)
             except L2Unavailable:
                 stack.stats.incr("l2_errors")
-                return compute(stack, key, resolver, NO_VERSION, "", fallback)
-            found = stack._parse(key, raw, True, epoch)
+                # The request may still reach Redis (a paused server runs it when it wakes):
+                # that lock must not stay behind with nobody to release it (P14). Our fill
+                # releases it if Redis answers by then; the recovery queue does otherwise.
+                stack._defer_release(key, token)
+                return compute(stack, key, resolver, found.basis(token), fallback)
+            found = stack._parse(key, raw, True, stamp, began)
             if won:
                 if found.entry is not None and stack.clock() < found.entry.fresh_until:
                     stack._release(key, token)
-                    stack._put_l1(key, found.entry, found.epoch)
+                    stack._put_l1(key, found.entry, found.stamp)
                     return found.entry.value
                 if not load_in_worker(stack, key, resolver, token, found.seen):
-                    return compute(stack, key, resolver, found.seen, token, fallback, redis_now)
+                    return compute(stack, key, resolver, found.basis(token, redis_now), fallback)
                 # miss="worker": a worker loads it; wait for its fill like any waiter.
             if found.entry is not None and stack.clock() < found.entry.fresh_until:
                 continue  # filled meanwhile: served at the top of the loop
@@ -87,7 +92,7 @@ def load_as_leader(
             if remaining <= 0:
                 # Liveness beats dedup: the holder is slow or dead; compute it ourselves.
                 stack.stats.incr("lock_timeouts")
-                return compute(stack, key, resolver, found.seen, "", fallback, redis_now)
+                return compute(stack, key, resolver, found.basis("", redis_now), fallback)
             waited = True
             if event is not None:
                 event.wait(min(remaining, WAIT_SLICE))
@@ -95,6 +100,7 @@ def load_as_leader(
             else:
                 time.sleep(min(remaining, WAIT_SLICE / 4))
             found = stack._read_l2(key, recheck=True)
+            redis_now = None
     finally:
         if event is not None and waiters is not None:
             waiters.unregister(stack.name, key, event)
@@ -113,38 +119,15 @@ def load_in_worker(
     return False
 
 
-def redis_time(stack: CacheStack) -> int | None:
-    """Redis's clock in µs (when a load begins), or None without L2."""
-    if stack.l2 is None:
-        return None
-    try:
-        return stack.l2.now_us()
-    except L2Unavailable:
-        stack.stats.incr("l2_errors")
-        return None
-
-
-def compute(
-    stack: CacheStack,
-    key: str,
-    resolver: Resolver,
-    seen: bytes,
-    token: str,
-    fallback: Any,
-    started_us: int | None = None,
-) -> Any:
-    """Run the resolver, store the value (compare-and-set on ``seen``), return it.
-
-    ``started_us`` (Redis time in µs when the load began) lets the store see invalidations that
-    raced the load.
-    """
+def compute(stack: CacheStack, key: str, resolver: Resolver, basis: Basis, fallback: Any) -> Any:
+    """Run the resolver, store the value (compare-and-set on ``basis.seen``), return it."""
     started = time.perf_counter()
     try:
         value = resolver(key)
     except Exception:
         stack.stats.incr("resolver_errors")
-        if token:
-            stack._release(key, token)
+        if basis.token:
+            stack._release(key, basis.token)
         if fallback is not MISSING:
             stack.stats.incr("stale_served")
             log.warning(
@@ -158,5 +141,5 @@ def compute(
     elapsed = time.perf_counter() - started
     stack.stats.incr("resolver_calls")
     stack.stats.observe("resolver", elapsed)
-    store(stack, key, value, seen, token, elapsed, started_us)
+    store(stack, key, value, basis, elapsed)
     return value

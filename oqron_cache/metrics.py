@@ -39,6 +39,15 @@ COUNTERS = (
     "evictions",  # L1 entries dropped because L1 was full
     "sets",
     "deletes",
+    "fills_too_old",  # cold loads slower than a tombstone lives: returned, not cached
+    "tag_members_pruned",  # tag index members of versions gone, dropped by sampling
+    "writes_deferred",  # sets, deletes, invalidations L2 did not take: kept for replay (P14)
+    "writes_replayed",  # ... applied when Redis answered again
+    "writes_dropped",  # ... lost: the recovery queue overflowed (or the runtime closed)
+    "writes_expired",  # ... not replayed: the value's stale_until passed meanwhile
+    "releases_deferred",  # lock requests that timed out: released once Redis answers
+    "releases_replayed",
+    "bus_floods",  # invalidation messages beyond the rate limit: L1 cleared and paused instead
 )
 
 

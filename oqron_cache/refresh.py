@@ -21,8 +21,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from .keys import printable
-from .load import redis_time
-from .store import store
+from .store import OVERSIZE, STORED, Basis, store
 from .tiers.redis import L2Unavailable
 
 if TYPE_CHECKING:
@@ -31,7 +30,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("oqron_cache.refresh")
 
 
-_THROTTLED = frozenset({"enqueued", "locked", "failed", "error"})
+_THROTTLED = frozenset({"enqueued", "locked", "failed", "oversize", "error"})
 Job = tuple["CacheStack", str, bytes, bool, bool]  # stack, key, seen, early, checked
 
 
@@ -53,6 +52,7 @@ class Dispatcher:
         self._join_lock = threading.Lock()
         self._pending: dict[tuple[str, str], bool] = {}
         self._throttle: dict[tuple[str, str], float] = {}
+        self._throttle_lock = threading.Lock()
         self._stopped = False
 
     def submit(self, stack: CacheStack, key: str, seen: bytes, early: bool = False) -> bool:
@@ -127,28 +127,36 @@ class Dispatcher:
                 outcome, held = _plan(stack, key, seen, early)
             except Exception:
                 log.exception("cache %s: refresh crashed", stack.name)
-            finally:
-                ident = (stack.name, key)
+            ident = (stack.name, key)
+            try:
                 if outcome in _THROTTLED:
                     # Someone holds the key's lock (a worker refreshing it, or a failed
                     # refresh's throttle) for ``held`` more seconds: asking again before it
                     # expires only costs Redis round trips; asking later delays the refresh.
                     # A fill message evicts the stale copy sooner.
                     until = time.monotonic() + held
-                    self._throttle[ident] = until
+                    self.throttle(ident, until)
                     stack.retry_after(key, seen, until)
-                    if len(self._throttle) > self.max_queue:
-                        self._prune()
+            except Exception:  # a drainer must outlive any bookkeeping error
+                log.exception("cache %s: refresh bookkeeping failed", stack.name)
+            finally:
                 self._pending.pop(ident, None)
 
-    def _prune(self) -> None:
-        """Forget expired throttles (bounds the map's size)."""
-        now = time.monotonic()
-        for ident, until in list(self._throttle.items()):
-            if until <= now:
-                self._throttle.pop(ident, None)
-        while len(self._throttle) > self.max_queue:  # all live: drop the oldest
-            self._throttle.pop(next(iter(self._throttle)), None)
+    def throttle(self, ident: tuple[str, str], until: float) -> None:
+        """Ask no refresh of ``ident`` before ``until``; forget expired throttles past
+        ``max_queue`` of them (bounds the map). Drainers call it concurrently: copying the map
+        while another thread writes it raises ``RuntimeError`` (dict changed size), so writes
+        and the pruning share a lock; readers (:meth:`submit`) need none."""
+        with self._throttle_lock:
+            self._throttle[ident] = until
+            if len(self._throttle) <= self.max_queue:
+                return
+            now = time.monotonic()
+            for old, when in list(self._throttle.items()):
+                if when <= now:
+                    del self._throttle[old]
+            while len(self._throttle) > self.max_queue:  # all live: drop the oldest
+                del self._throttle[next(iter(self._throttle))]
 
     def join(self, timeout: float = 5.0) -> bool:
         """Wait until every refresh requested before this call has finished (tests, shutdown).
@@ -232,21 +240,24 @@ def _plan(stack: CacheStack, key: str, seen: bytes, early: bool) -> tuple[str, f
             enqueuer = stack.runtime.enqueuer  # type: ignore[union-attr]
             if enqueuer is not None and enqueuer.enqueue(stack.name, key, "", seen, lock_ttl):
                 return "enqueued", lock_ttl
-        return run_refresh(stack, key, "", seen, checked=True), lock_ttl
+        basis = Basis(seen, stack.stamp(key), time.monotonic())
+        return run_refresh(stack, key, "", seen, basis=basis), lock_ttl
     # One round trip: take the key's lock and read the entry (someone may have refreshed it).
     token = secrets.token_hex(16)
-    epoch = stack.epoch
+    stamp, began = stack.stamp(key), time.monotonic()
     try:
         won, raw, redis_now, held = stack.l2.acquire_or_read(key, token, lock_ttl)
     except L2Unavailable:
         stack.stats.incr("l2_errors")
+        stack._defer_release(key, token)  # the request may still reach Redis (P14)
         stack.stats.incr("refreshes_enqueued")
-        return run_refresh(stack, key, "", seen, checked=True), lock_ttl
-    found = stack._parse(key, raw, True, epoch)
+        basis = Basis(seen, stamp, began, None, token)
+        return run_refresh(stack, key, token, seen, basis=basis), lock_ttl
+    found = stack._parse(key, raw, True, stamp, began)
     if found.entry is not None and _refreshed(stack, found, seen, early):
         if won:
             stack._release(key, token)
-        stack._put_l1(key, found.entry, found.epoch)  # another process already refreshed it
+        stack._put_l1(key, found.entry, found.stamp)  # another process already refreshed it
         stack.stats.incr("refreshes_deduplicated")
         return "already-fresh", lock_ttl
     if not won:
@@ -258,42 +269,38 @@ def _plan(stack: CacheStack, key: str, seen: bytes, early: bool) -> tuple[str, f
         if enqueuer.enqueue(stack.name, key, token, found.seen, lock_ttl):
             return "enqueued", lock_ttl
         stack.stats.incr("enqueue_failures")  # broker down or slow: refresh here instead
-    outcome = run_refresh(stack, key, token, found.seen, checked=True, started_us=redis_now)
-    return outcome, lock_ttl
+    basis = found.basis(token, redis_now)
+    return run_refresh(stack, key, token, found.seen, basis=basis), lock_ttl
 
 
 def run_refresh(
-    stack: CacheStack,
-    key: str,
-    token: str,
-    seen: bytes,
-    *,
-    checked: bool = False,
-    started_us: int | None = None,
+    stack: CacheStack, key: str, token: str, seen: bytes, *, basis: Basis | None = None
 ) -> str:
     """Recompute ``key`` and write it if the entry is still at version ``seen``.
 
     ``token`` is the lock the requester took ("" for none); the write releases it. A resolver
-    error keeps the stale value served and keeps the lock until it expires, which throttles
-    further refreshes of the key across every process. ``checked`` skips the re-read of L2 when
-    the caller has just made it.
+    error, or a value too large to cache, keeps the stale value served and keeps the lock until
+    it expires, which throttles further refreshes of the key across every process. ``basis``
+    is the read of L2 the caller just made; without it (a worker's task) L2 is read again
+    first, and a refresh whose entry changed since it was requested is dropped.
     """
     resolver = stack.opts.resolver
     if resolver is None:
         return "no-resolver"
-    if not checked:
+    if basis is None:
         found, read_at = stack._read_l2_at(key)  # the clock and the entry, one round trip
-        started_us = read_at if started_us is None else started_us
         if found is not None and found.seen != seen:
             # Refreshed, written or invalidated since the request: nothing to do (P4, P5).
             if token:
                 stack._release(key, token)
             if found.entry is not None and stack.clock() < found.entry.fresh_until:
-                stack._put_l1(key, found.entry, found.epoch)
+                stack._put_l1(key, found.entry, found.stamp)
             stack.stats.incr("refreshes_deduplicated")
             return "superseded"
-    elif started_us is None:
-        started_us = redis_time(stack)
+        if found is not None:
+            basis = found.basis(token, read_at)
+        else:
+            basis = Basis(seen, stack.stamp(key), time.monotonic(), None, token)
     started = time.perf_counter()
     try:
         value = resolver(key)
@@ -305,16 +312,27 @@ def run_refresh(
             printable(key),
             exc_info=True,
         )
-        if token and stack.l2 is not None:
-            try:
-                stack.l2.hold(key, token, stack.opts.stampede.lock_ttl)
-            except L2Unavailable:
-                stack.stats.incr("l2_errors")
+        _throttle(stack, key, token)
         return "failed"
     elapsed = time.perf_counter() - started
     stack.stats.incr("resolver_calls")
     stack.stats.observe("resolver", elapsed)
-    if not store(stack, key, value, seen, token, elapsed, started_us):
+    outcome = store(stack, key, value, basis, elapsed, keep_lock=True)
+    if outcome == OVERSIZE:
+        # Not cacheable: refreshing again at once would only run the resolver again.
+        stack.stats.incr("refresh_failures")
+        _throttle(stack, key, token)
+        return "oversize"
+    if outcome != STORED:
         return "conflict"
     stack.stats.incr("refreshes_succeeded")
     return "refreshed"
+
+
+def _throttle(stack: CacheStack, key: str, token: str) -> None:
+    """Keep the key's lock for a whole ``lock_ttl``: no process refreshes it before then."""
+    if token and stack.l2 is not None:
+        try:
+            stack.l2.hold(key, token, stack.opts.stampede.lock_ttl)
+        except L2Unavailable:
+            stack.stats.incr("l2_errors")

@@ -23,7 +23,9 @@ from .bus import Bus
 from .clients import connect
 from .config import Settings, is_tls_failure, mask_url
 from .errors import ConfigurationError, NotConfiguredError
+from .flood import ADMIT, PAUSE_NOW, FloodGuard
 from .keys import KeySpace, bus_channel
+from .recovery import Recovery
 from .refresh import Dispatcher
 from .serializers import get_codec
 from .stack import CacheStack
@@ -69,6 +71,8 @@ class Runtime:
         self.stacks: dict[str, CacheStack] = {}
         self.enqueuer: Enqueuer | None = None
         self.stats_sync: StatsSync | None = None
+        self.recovery: Recovery | None = None
+        self.flood = FloodGuard()
         if settings.celery_app is not None:
             install(settings.celery_app)
             self.enqueuer = Enqueuer(settings.celery_app, settings.enqueue_budget)
@@ -76,6 +80,7 @@ class Runtime:
         if settings.redis_url is not None:
             self.client = make_client(settings)
             self.conn = RedisConn(self.client, CircuitBreaker())
+            self.recovery = Recovery()
             self.stats_sync = StatsSync(self)
             # The bus has its own client without retries: a dropped subscription must surface
             # as an error here (and flush L1), not be silently re-established by redis-py.
@@ -184,8 +189,16 @@ class Runtime:
 
     def _on_bus(self, cache: str, op: str, keys: list[str], from_self: bool) -> None:
         stack = self.stacks.get(cache)
-        if stack is not None:
-            stack.on_bus(op, keys, from_self)
+        if stack is None:
+            return
+        if op in ("clear", "pattern", "tag") and not from_self and stack.l1 is not None:
+            verdict = self.flood.admit()
+            if verdict != ADMIT:
+                stack.stats.incr("bus_floods")
+                if verdict == PAUSE_NOW:
+                    self.flush_l1()  # once; L1 stays off while the flood lasts (flood.py)
+                return
+        stack.on_bus(op, keys, from_self)
 
     def flush_l1(self) -> None:
         """Drop every L1 entry of every cache (the bus was lost or came back)."""
@@ -194,6 +207,8 @@ class Runtime:
 
     def close(self) -> None:
         """Stop the bus and the dispatcher, close connections."""
+        if self.recovery is not None:
+            self.recovery.close()
         if self.stats_sync is not None:
             self.stats_sync.stop()
         if self.bus is not None:

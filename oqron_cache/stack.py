@@ -24,7 +24,7 @@ from .load import MISSING, load_as_leader
 from .metrics import LATENCY_SAMPLE, Stats
 from .options import CacheOptions
 from .serializers import Codec
-from .store import MAX_TAG_BYTES, NEVER, encode, make_entry, remove, store, write
+from .store import MAX_TAG_BYTES, NEVER, Basis, encode, make_entry, remove, store, write
 from .tiers.base import L1Store, L2Store
 from .tiers.memory import L1Item
 from .tiers.redis import L2Unavailable
@@ -39,17 +39,25 @@ __all__ = ["MAX_TAG_BYTES", "NEVER", "CacheStack", "Found", "Resolver"]
 
 Resolver = Callable[[str], Any]
 EARLY_SPAN = 10.0  # see CacheStack._early_from
+TOMBSTONE_MIN = 30.0  # seconds a tombstone lives at least (see CacheStack._tombstone_ttl)
 
 
 class Found:
     """What a read of L2 found: the entry (if any usable), and the version a writer must see."""
 
-    __slots__ = ("entry", "epoch", "seen")
+    __slots__ = ("began", "entry", "seen", "stamp")
 
-    def __init__(self, entry: Entry | None, seen: bytes, epoch: int = -1) -> None:
+    def __init__(
+        self, entry: Entry | None, seen: bytes, stamp: int = -1, began: float = 0.0
+    ) -> None:
         self.entry = entry
         self.seen = seen
-        self.epoch = epoch  # the stack's L1 epoch before the read (see CacheStack._put_l1)
+        self.stamp = stamp  # the key's L1 generation before the read (see CacheStack._put_l1)
+        self.began = began  # time.monotonic() before the read
+
+    def basis(self, token: str = "", started_us: int | None = None) -> Basis:
+        """What a load that replaces this read's entry is based on (see :class:`Basis`)."""
+        return Basis(self.seen, self.stamp, self.began, started_us, token)
 
 
 class CacheStack:
@@ -89,13 +97,14 @@ class CacheStack:
         self._l1_data = l1.data if l1 is not None else None
         self._l1_lock = l1.lock if l1 is not None else None
         self.owner: Any = None  # the Cache this stack serves (set by Runtime.bind)
-        self.epoch = 0  # bumped by every L1 eviction from outside; see _put_l1
         self._swr = opts.stampede.stale_while_revalidate
         self._sliding = opts.strategy == "sliding"
         l1_ttl = opts.l1_ttl
         # Sliding caches come back to L2 at least twice per ttl, so L2 slides too.
         self._l1_ttl = min(l1_ttl, opts.ttl / 2) if self._sliding and l2 is not None else l1_ttl
-        self._tombstone_ttl = max(2 * opts.stampede.lock_ttl, 10.0)
+        # How long a delete's tombstone lives; also the oldest a cold load may be and still be
+        # stored (store.py): long enough for any load that honours its lock_ttl.
+        self._tombstone_ttl = max(2 * opts.stampede.lock_ttl, TOMBSTONE_MIN)
 
     # ------------------------------------------------------------------ reads
 
@@ -217,11 +226,11 @@ class CacheStack:
                     )
                 if self._sliding:
                     entry = self._slide(key, entry, now)
-                self._put_l1(key, entry, found.epoch)
+                self._put_l1(key, entry, found.stamp)
                 return entry.value, False
             if action is Action.SERVE_AND_REFRESH:
                 self.stats.incr("stale_served")
-                self._put_l1(key, entry, found.epoch)
+                self._put_l1(key, entry, found.stamp)
                 self._request_refresh(key, entry.version)
                 return entry.value, False
             if now < entry.stale_until:
@@ -246,13 +255,14 @@ class CacheStack:
         if self.l2 is None:
             return None
         started = time.perf_counter()
-        epoch = self.epoch
+        stamp = self.stamp(key)
+        began = time.monotonic()
         try:
             raw = self.l2.read(key)
         except L2Unavailable:
             self.stats.incr("l2_errors")
             return None
-        found = self._parse(key, raw, recheck, epoch)
+        found = self._parse(key, raw, recheck, stamp, began)
         self.stats.observe("redis", time.perf_counter() - started)
         return found
 
@@ -263,31 +273,39 @@ class CacheStack:
         """
         if self.l2 is None:
             return None, None
-        epoch = self.epoch
+        stamp = self.stamp(key)
+        began = time.monotonic()
         try:
             raw, now_us = self.l2.read_at(key)
         except L2Unavailable:
             self.stats.incr("l2_errors")
             return None, None
-        return self._parse(key, raw, False, epoch), now_us
+        return self._parse(key, raw, False, stamp, began), now_us
 
-    def _parse(self, key: str, raw: bytes | None, recheck: bool, epoch: int) -> Found:
+    def stamp(self, key: str) -> int:
+        """``key``'s L1 generation: take it before reading L2, pass it to :meth:`_put_l1`."""
+        return self.l1.stamp(key) if self.l1 is not None else 0
+
+    def _parse(
+        self, key: str, raw: bytes | None, recheck: bool, stamp: int, began: float
+    ) -> Found:
         """Decode an envelope read from L2 (``None``: absent). Corrupt data is a miss.
 
-        ``epoch`` is the L1 epoch taken before the read.
+        ``stamp`` is the key's L1 generation and ``began`` the monotonic time, both taken
+        before the read.
         """
         if raw is None:
-            return Found(None, NO_VERSION, epoch)
+            return Found(None, NO_VERSION, stamp, began)
         try:
             entry, codec_id, payload = unpack(raw)
             if entry.tombstone:
-                return Found(None, entry.version, epoch)
+                return Found(None, entry.version, stamp, began)
             if codec_id != self.codec.codec_id:
                 raise Corrupt(f"codec id {codec_id}")
             entry.value = self.codec.decode(payload)
         except (Corrupt, ValueError, TypeError) as exc:
             if recheck:
-                return Found(None, raw[2:10], epoch)
+                return Found(None, raw[2:10], stamp, began)
             self.stats.incr("corrupt")
             log.warning(
                 "cache %s: unreadable L2 entry for %s treated as a miss (%s)",
@@ -295,8 +313,8 @@ class CacheStack:
                 printable(key),
                 exc,
             )
-            return Found(None, raw[2:10], epoch)
-        return Found(entry, entry.version, epoch)
+            return Found(None, raw[2:10], stamp, began)
+        return Found(entry, entry.version, stamp, began)
 
     def _slide(self, key: str, entry: Entry, now: float) -> Entry:
         """Sliding strategy: push the entry's freshness forward in L2 (best effort)."""
@@ -305,7 +323,7 @@ class CacheStack:
         if self.l2 is None:
             return entry
         try:
-            self.l2.touch(
+            touched = self.l2.touch(
                 key,
                 entry.version,
                 entry.fresh_until,
@@ -314,6 +332,13 @@ class CacheStack:
             )
         except L2Unavailable:
             self.stats.incr("l2_errors")
+            return entry
+        if touched and entry.tags:
+            # The entry lives longer now: so must its tag index, or invalidate_by_tag would
+            # no longer find it.
+            from .invalidation import index_tags
+
+            index_tags(self, key, entry)
         return entry
 
     # ------------------------------------------------------------------ writes and loads
@@ -327,34 +352,33 @@ class CacheStack:
 
     # ------------------------------------------------------------------ helpers
 
-    def _put_l1(self, key: str, entry: Entry, epoch: int | None = None) -> None:
-        """Keep ``entry`` in L1, unless an eviction arrived since ``epoch`` was taken.
+    def _put_l1(self, key: str, entry: Entry, stamp: int) -> None:
+        """Keep ``entry`` in L1, unless ``key`` was evicted since ``stamp`` was taken.
 
-        Without that check a read in flight could put back a value that an invalidation
-        (handled while the read was waiting for Redis) has just removed.
+        Without that check a read in flight could put back a value that an invalidation or a
+        delete (by another process, heard on the bus, or by another thread of this one) has
+        just removed. The check and the put are one locked step (see ``MemoryStore.put_if``).
         """
         if self.l1 is None or not self._l1_writable():
             return
-        if epoch is not None and epoch != self.epoch:
-            return
+        self.l1.put_if(key, self._l1_item(entry), stamp)
+
+    def _l1_item(self, entry: Entry) -> L1Item:
         now = self.clock()
         l1_until = (
             min(now + self._l1_ttl, entry.fresh_until)
             if entry.fresh_until > now
             else entry.stale_until
         )
-        self.l1.put(
-            key,
-            L1Item(
-                entry.value,
-                entry.fresh_until,
-                entry.stale_until,
-                l1_until,
-                entry.version,
-                self._early_from(entry),
-                entry.delta,
-                entry.tags,
-            ),
+        return L1Item(
+            entry.value,
+            entry.fresh_until,
+            entry.stale_until,
+            l1_until,
+            entry.version,
+            self._early_from(entry),
+            entry.delta,
+            entry.tags,
         )
 
     def _early_from(self, entry: Entry) -> float:
@@ -393,6 +417,8 @@ class CacheStack:
         runtime = self.runtime
         if runtime is None or runtime.bus is None or self.l2 is None:
             return True
+        if runtime.flood.paused_until and runtime.flood.paused():
+            return False  # a flood of invalidation messages: L1 is off for a moment (flood.py)
         return runtime.bus.healthy or self.l2.conn.breaker.is_open
 
     def _release(self, key: str, token: str) -> None:
@@ -400,6 +426,27 @@ class CacheStack:
             self.l2.release(key, token)  # type: ignore[union-attr]
         except L2Unavailable:
             self.stats.incr("l2_errors")
+            self._defer_release(key, token)
+
+    # Auto-recovery (P14): what L2 could not take is kept by the runtime's recovery queue.
+
+    def _defer_release(self, key: str, token: str) -> None:
+        """Release ``key``'s lock ``token`` once Redis answers (the request may have landed)."""
+        recovery = self.runtime.recovery if self.runtime is not None else None
+        if recovery is not None:
+            recovery.defer_release(self, key, token)
+
+    def _defer_write(self, key: str, entry: Entry, envelope: bytes, ttl: float) -> None:
+        """A set (or a delete's tombstone) L2 could not take: replay it when it answers."""
+        recovery = self.runtime.recovery if self.runtime is not None else None
+        if recovery is not None:
+            recovery.defer_write(self, key, entry, envelope, ttl)
+
+    def _settled(self, key: str) -> None:
+        """A write of ``key`` reached L2: an older deferred one must not be replayed."""
+        recovery = self.runtime.recovery if self.runtime is not None else None
+        if recovery is not None and recovery.pending:
+            recovery.settled(self, key)
 
     def _message(self, op: str, keys: list[str]) -> bytes:
         origin = self.runtime.bus.origin if self.runtime and self.runtime.bus else "-"
@@ -428,7 +475,7 @@ class CacheStack:
         """A bus message for this cache: drop the L1 copies another process made obsolete."""
         if self.l1 is None or from_self:
             return
-        self.epoch += 1  # reads in flight must not put back what this message removes
+        # Each eviction moves the keys' L1 generation: reads in flight do not put them back.
         if op == "clear":
             self.l1.clear()
         elif op == "tag":
@@ -440,10 +487,9 @@ class CacheStack:
 
             evict_patterns_from_l1(self, keys)
         else:
-            self.l1.discard_many(keys)
+            self.l1.evict_many(keys)
 
     def flush_l1(self) -> None:
         """Drop every L1 copy (the bus was lost or came back)."""
-        self.epoch += 1
         if self.l1 is not None:
             self.l1.clear()

@@ -1,18 +1,26 @@
 """Writes: a resolved or set value becomes an envelope in L2 and a copy in L1; a delete a tombstone.
 
 Every write to L2 is one Lua call on the entry's key: a fill only lands if the entry's version is
-still the one its load saw (P5), a set always lands, a delete leaves a short-lived tombstone that
-makes older fills fail. Each announces itself on the bus. These are functions of the
+still the one its load saw (P5), a set always lands, a delete leaves a tombstone that makes older
+fills fail. Each announces itself on the bus. A set or delete that L2 cannot take is deferred
+and replayed when it answers (:mod:`.recovery`, P14). These are functions of the
 :class:`~oqron_cache.stack.CacheStack` whose entry they write.
+
+A load is based on one read of L2 (:class:`Basis`): the version it saw, when, and the key's L1
+generation then. Its fill is a compare-and-set on that version; a cold load (no entry seen) older
+than the tombstone's lifetime is refused, since a delete made meanwhile may have left a tombstone
+that has expired since. So a delete always beats a load that began before it (P5).
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from .entry import Entry, new_version, pack
+from .entry import NO_VERSION, Entry, new_version, pack
 from .errors import ConfigurationError
 from .invalidation import after_fill
 from .keys import printable
@@ -26,8 +34,34 @@ log = logging.getLogger("oqron_cache")
 MAX_TAG_BYTES = 256  # with max_tags <= 200 the tag block always fits the envelope's 16-bit length
 NEVER = 1 << 62  # "the load began at the end of time": no invalidation can postdate it
 
+# What store() did with a loaded value.
+STORED = "stored"
+OVERSIZE = "oversize"  # too large to cache (P9): returned, not kept
+CONFLICT = "conflict"  # a newer write or a delete won the compare-and-set (P5)
+WITHDRAWN = "withdrawn"  # a pattern or tag invalidation raced the load
+TOO_OLD = "too-old"  # a cold load older than a tombstone's lifetime: it cannot be ordered
 
-def make_entry(stack: CacheStack, key: str, value: Any, delta: float) -> Entry:
+
+@dataclass(slots=True)
+class Basis:
+    """What a load is based on: the read of L2 whose entry its value replaces.
+
+    ``seen`` is the entry version read (``NO_VERSION``: none); ``stamp`` the key's L1
+    generation before the read; ``began`` ``time.monotonic()`` before the read; ``started_us``
+    Redis's clock at the read when known (else derived from the fill's clock and the age);
+    ``token`` the key's lock, if this load holds it.
+    """
+
+    seen: bytes = NO_VERSION
+    stamp: int = -1
+    began: float = 0.0
+    started_us: int | None = None
+    token: str = ""
+
+
+def make_entry(
+    stack: CacheStack, key: str, value: Any, delta: float, written: bool = False
+) -> Entry:
     now = stack.clock()
     fresh_until = now + stack.opts.ttl
     return Entry(
@@ -38,6 +72,7 @@ def make_entry(stack: CacheStack, key: str, value: Any, delta: float) -> Entry:
         new_version(),
         entry_tags(stack, key, value),
         delta,
+        written=written,
     )
 
 
@@ -81,18 +116,15 @@ def encode(stack: CacheStack, key: str, entry: Entry) -> bytes | None:
 
 
 def store(
-    stack: CacheStack,
-    key: str,
-    value: Any,
-    seen: bytes,
-    token: str,
-    delta: float,
-    started_us: int | None = None,
-) -> bool:
-    """Write a resolved value to L2 (only if still at ``seen``) and to L1.
+    stack: CacheStack, key: str, value: Any, basis: Basis, delta: float, keep_lock: bool = False
+) -> str:
+    """Write a loaded value to L2 (only if still at ``basis.seen``) and to L1.
 
-    Returns False if it was not cached: too large, or a newer write won (P5).
+    Returns :data:`STORED`, or why it was not cached (:data:`OVERSIZE`, :data:`CONFLICT`,
+    :data:`WITHDRAWN`, :data:`TOO_OLD`). The lock ``basis.token`` is released, except for an
+    oversize value with ``keep_lock`` (a refresh keeps it as a throttle, as after a failure).
     """
+    token = basis.token
     try:
         entry = make_entry(stack, key, value, delta)
         # Encoded even without L2: the same values are cacheable whatever the tiers, and
@@ -103,72 +135,99 @@ def store(
             stack._release(key, token)
         raise
     if envelope is None:
-        if token:
+        if token and not keep_lock:
             stack._release(key, token)
-        return False
-    epoch = stack.epoch
+        return OVERSIZE
     if stack.l2 is not None:
-        message = stack._message("fill", [key])
+        age = time.monotonic() - basis.began
         try:
-            written = stack.l2.fill(
-                key, seen, envelope, stack.opts.ttl + stack.opts.stale_ttl, token, message
+            outcome, now_us = stack.l2.fill(
+                key,
+                basis.seen,
+                envelope,
+                stack.opts.ttl + stack.opts.stale_ttl,
+                token,
+                stack._message("fill", [key]),
+                age,
+                stack._tombstone_ttl,
             )
         except L2Unavailable:
             stack.stats.incr("l2_errors")
+            if token:  # the fill may not have run: its lock must not outlive us (P14)
+                stack._defer_release(key, token)
         else:
-            if not written:
+            if outcome == 0:
                 # A newer set or an invalidation landed while we computed: it wins (P5).
                 stack.stats.incr("l2_write_conflicts")
-                return False
-            if started_us is not None and not after_fill(stack, key, entry, started_us):
-                return False  # a pattern/tag invalidation raced the load: withdrawn
-    stack._put_l1(key, entry, epoch)
-    return True
+                return CONFLICT
+            if outcome == 2:
+                stack.stats.incr("fills_too_old")
+                log.warning(
+                    "cache %s: the load of %s took %.1fs, longer than a delete's tombstone "
+                    "lives (%.0fs): returned, not cached (raise lock_ttl for slow resolvers)",
+                    stack.name,
+                    printable(key),
+                    age,
+                    stack._tombstone_ttl,
+                )
+                return TOO_OLD
+            started_us = basis.started_us
+            if started_us is None:  # the first read failed: the load began ``age`` ago
+                started_us = now_us - int(age * 1_000_000)
+            if not after_fill(stack, key, entry, started_us):
+                return WITHDRAWN  # a pattern/tag invalidation raced the load
+    stack._put_l1(key, entry, basis.stamp)
+    return STORED
 
 
 def write(stack: CacheStack, key: str, value: Any) -> None:
     """Write ``value`` to every tier and tell other processes to drop their copy."""
     stack.stats.incr("sets")
-    entry = make_entry(stack, key, value, 0.0)
+    entry = make_entry(stack, key, value, 0.0, written=True)
     envelope = encode(stack, key, entry)
     if envelope is None:  # too large to cache: at least stop serving the old value
         remove(stack, key)
         return
-    if stack.l2 is not None:
-        try:
-            stack.l2.put(
-                key,
-                envelope,
-                stack.opts.ttl + stack.opts.stale_ttl,
-                stack._message("evict", [key]),
-            )
-        except L2Unavailable:
-            stack.stats.incr("l2_errors")
-        else:
-            if entry.tags:  # a written value is new data: index it, nothing to withdraw
-                after_fill(stack, key, entry, NEVER)
-    stack._put_l1(key, entry)
+    ticket = stack.l1.begin_write(key) if stack.l1 is not None else 0
+    try:
+        if stack.l2 is not None:
+            ttl = stack.opts.ttl + stack.opts.stale_ttl
+            try:
+                stack.l2.put(key, envelope, ttl, stack._message("evict", [key]))
+            except L2Unavailable:
+                stack.stats.incr("l2_errors")
+                stack._defer_write(key, entry, envelope, ttl)
+            else:
+                stack._settled(key)
+                if entry.tags:  # a written value is new data: index it, nothing to withdraw
+                    after_fill(stack, key, entry, NEVER)
+    finally:
+        if stack.l1 is not None:
+            item = stack._l1_item(entry) if stack._l1_writable() else None
+            stack.l1.end_write(key, item, ticket)
 
 
 def remove(stack: CacheStack, key: str) -> None:
     """Remove ``key`` from every tier and every process's L1.
 
-    L2 keeps a short-lived tombstone with a new version, so a load or refresh that began
-    before the delete cannot write its older value back (compare-and-set fails).
+    L2 keeps a tombstone with a new version for ``stack._tombstone_ttl``, so a load or refresh
+    that began before the delete cannot write its older value back (its compare-and-set fails,
+    or, once the tombstone is gone, it is too old to be stored).
     """
     stack.stats.incr("deletes")
     if stack.l1 is not None:
-        stack.l1.discard(key)
+        stack.l1.evict(key)  # stop serving it at once
     if stack.l2 is None:
         return
     now = stack.clock()
     tomb = Entry(None, now, now, now, new_version(), tombstone=True)
+    envelope = pack(tomb, stack.codec.codec_id, b"")
     try:
-        stack.l2.tombstone(
-            key,
-            pack(tomb, stack.codec.codec_id, b""),
-            stack._tombstone_ttl,
-            stack._message("evict", [key]),
-        )
+        stack.l2.tombstone(key, envelope, stack._tombstone_ttl, stack._message("evict", [key]))
     except L2Unavailable:
         stack.stats.incr("l2_errors")
+        stack._defer_write(key, tomb, envelope, stack._tombstone_ttl)
+    else:
+        stack._settled(key)
+    if stack.l1 is not None:
+        stack.l1.evict(key)  # reads that began during the call must not put the value back

@@ -51,6 +51,7 @@ from .task_bodies import (
     do_invalidate_pattern,
     do_refresh,
 )
+from .tiers.redis import L2Unavailable
 from .write_through import (
     MAX_RETRIES,
     WRITE_CACHE_TASK,
@@ -216,9 +217,25 @@ def _install_write_through(app: Any, tasks: dict[str, Any]) -> None:
 
     options = dict(_TASK_OPTIONS)
     tasks[WRITE_ORIGIN_TASK] = app.task(
-        name=WRITE_ORIGIN_TASK, bind=True, max_retries=MAX_RETRIES, **options
+        name=WRITE_ORIGIN_TASK,
+        bind=True,
+        max_retries=MAX_RETRIES,
+        # Redis failing around the origin write (recording it): retried, never acked as done.
+        autoretry_for=(L2Unavailable,),
+        retry_backoff=True,
+        retry_backoff_max=30,
+        **options,
     )(write_origin)
-    tasks[WRITE_CACHE_TASK] = app.task(name=WRITE_CACHE_TASK, **options)(write_cache)
+    # The cache step of an acknowledged origin write must land (P6): a Redis failure here is
+    # retried with backoff (about 10 minutes in all), not dropped.
+    tasks[WRITE_CACHE_TASK] = app.task(
+        name=WRITE_CACHE_TASK,
+        autoretry_for=(L2Unavailable,),
+        retry_backoff=True,
+        retry_backoff_max=60,
+        max_retries=20,
+        **options,
+    )(write_cache)
 
 
 def _queue(exchange_cls: Any, queue_cls: Any, name: str) -> Any:

@@ -23,6 +23,7 @@ import contextvars
 import logging
 import secrets
 import time
+from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any, cast
 
 from .entry import Entry, new_version, pack
@@ -59,14 +60,27 @@ def backoff(retries: int) -> float:
 class WriteHandle:
     """The handle of one write-through ``set()``: wait for it, or ask how it went."""
 
-    def __init__(self, stack: CacheStack, key: str, version: bytes, done: bool = False) -> None:
+    def __init__(
+        self,
+        stack: CacheStack,
+        key: str,
+        version: bytes,
+        done: bool = False,
+        publish: Future[None] | None = None,
+    ) -> None:
         self.stack = stack
         self.key = key
         self.version = version.hex()
         self._outcome: str | None = "ok" if done else None
+        self._publish = publish  # a publish that outlived the enqueue budget, if any
 
     def status(self) -> str:
         """``"pending"``, ``"ok"`` or ``"failed: <reason>"``."""
+        if self._outcome is None and self._publish is not None and self._publish.done():
+            error = self._publish.exception()
+            self._publish = None
+            if error is not None:
+                self._outcome = f"err:not sent: the broker refused it: {type(error).__name__}"
         if self._outcome is None:
             self._outcome = self._read()
         if self._outcome is None:
@@ -109,7 +123,7 @@ class WriteHandle:
             raise WriteThroughError(f"write-through of {stack.name!r} {status}", cache=stack.name)
         if stack.l1 is not None:
             # Read-your-writes even if the bus message has not been handled yet.
-            stack.l1.discard(self.key)
+            stack.l1.evict(self.key)
 
     def _read(self) -> str | None:
         l2 = self.stack.l2
@@ -155,9 +169,15 @@ def start(stack: CacheStack, key: str, value: Any) -> WriteHandle:
     try:
         enqueuer.publish(lambda: flow.apply_async(retry=False))
     except BrokerUnavailable as exc:
-        raise WriteThroughError(
-            f"write-through of {stack.name!r} was not sent: {exc}", cache=stack.name
-        ) from exc
+        if exc.pending is None:
+            raise WriteThroughError(
+                f"write-through of {stack.name!r} was not sent: {exc}", cache=stack.name
+            ) from exc
+        # The publish is under way and cannot be taken back: the write may still happen, so
+        # the handle waits for its outcome like any other (and says so if it is not sent).
+        log.warning("write-through of %s: %s", stack.name, exc)
+        stack.stats.incr("sets")
+        return WriteHandle(stack, key, version, publish=exc.pending)
     stack.stats.incr("sets")
     return WriteHandle(stack, key, version)
 
@@ -274,6 +294,7 @@ def cache_link(
         now + stack.opts.ttl + stack.opts.stale_ttl,
         bytes.fromhex(version_hex),
         entry_tags(stack, key, value),
+        written=True,
     )
     envelope = pack(entry, stack.codec.codec_id, payload)
     keys = [l2.keys.value(key), l2.keys.writes(key)]
@@ -289,7 +310,7 @@ def cache_link(
     ]
     written = l2.conn.run(l2.conn.put_if_newer_script, keys=keys, args=args)
     if stack.l1 is not None:
-        stack.l1.discard(key)  # the bus message is ours, so our own L1 would not hear it
+        stack.l1.evict(key)  # the bus message is ours, so our own L1 would not hear it
     if written and entry.tags:
         from .store import NEVER
 

@@ -269,7 +269,7 @@ def test_stats_of_one_cache_match_what_the_cache_did(
     assert stats["hit_rate"] == pytest.approx(4 / 7)
     assert len(calls) == 3
     for field, value in local.items():  # one process: the cluster view is this process's
-        if field not in ("scope", "avg_latency_ms"):
+        if field not in ("scope", "avg_latency_ms", "writes_pending"):  # a process's gauge
             assert stats[field] == value, field
     assert stats["avg_latency_ms"]["resolver"] > 0
 

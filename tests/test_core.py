@@ -748,7 +748,7 @@ def test_delete_tombstone_defeats_an_older_in_flight_fill(
     assert found is not None
     assert found.entry is not None
     c.delete("k")  # ... then the key is deleted
-    c.stack._store("k", "old", found.seen, "", 0.0)  # ... then the fill tries to land
+    c.stack._store("k", "old", found.basis(), 0.0)  # ... then the fill tries to land
     assert c.get("k") is None
     c.stack.l1.clear()
     assert c.get("k") is None
@@ -762,7 +762,7 @@ def test_set_defeats_an_older_in_flight_fill(configured: str, make_cache: Any) -
     found = c.stack._read_l2("k")
     assert found is not None
     c.set("k", "v2")
-    c.stack._store("k", "v1-recomputed", found.seen, "", 0.0)
+    c.stack._store("k", "v1-recomputed", found.basis(), 0.0)
     assert c.get("k") == "v2"
     c.stack.l1.clear()
     assert c.get("k") == "v2"

@@ -24,7 +24,6 @@ import oqron_cache
 from oqron_cache import registry
 from oqron_cache.config import reset
 from oqron_cache.entry import unpack
-from oqron_cache.invalidation import _member
 from tests.procs import ROOT, Child
 from tests.procs.inval_child import control_key, declare, make_resolver
 from tests.redis_server import RedisServer
@@ -336,7 +335,7 @@ def test_invalidation_racing_an_l2_read_in_another_process(
 def bulk_fill(
     cache: oqron_cache.Cache, client: redis.Redis, items: Iterable[tuple[str, Any]]
 ) -> int:
-    """Write entries the way fills do (envelope + tag-set member), pipelined; return how many."""
+    """Write entries the way fills do (envelope + tag index member), pipelined; return how many."""
     stack = cache.stack
     l2 = stack.l2
     assert l2 is not None
@@ -350,7 +349,7 @@ def bulk_fill(
         assert envelope is not None
         pipe.set(l2.keys.value(key), envelope, px=ttl_ms)
         for tag in entry.tags:
-            pipe.sadd(l2.keys.tag_set(tag), _member(l2.keys.encoded(key), entry.version))
+            pipe.zadd(l2.keys.tag_set(tag), {l2.keys.encoded(key): int(time.time() * 1e6)})
             tags.add(tag)
         count += 1
         if count % 2000 == 0:
@@ -379,7 +378,7 @@ def test_invalidating_a_tag_of_20000_entries_does_not_block_redis(
         l2 = cache.stack.l2
         assert l2 is not None
         tag_set = l2.keys.tag_set("big")
-        assert admin.scard(tag_set) == BIG
+        assert admin.zcard(tag_set) == BIG
 
         admin.config_set("latency-monitor-threshold", 1)  # ms; a private server only
         # redis-py leaves execute_command unannotated.

@@ -15,7 +15,7 @@ absent entry's version is :data:`oqron_cache.entry.NO_VERSION` (``b""``).
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import AbstractContextManager
 from typing import Any, Protocol
 
@@ -67,8 +67,41 @@ class L1Store(Protocol):
     def discard(self, key: str, version: bytes | None = None) -> None:
         """Drop ``key``; given a ``version``, only if the copy held has that version.
 
-        Absent keys are not an error.
+        Absent keys are not an error. Not an eviction: an expired copy leaves this way.
         """
+        ...
+
+    # Guarded puts. A copy read from L2 must never undo an eviction (a delete, an
+    # invalidation, a bus message) that happened while it was being read: the reader takes a
+    # stamp before the read and puts with it; every eviction moves the stamps of its keys.
+
+    def stamp(self, key: str) -> int:
+        """``key``'s generation now; it changes with every eviction of ``key`` (or of all)."""
+        ...
+
+    def put_if(self, key: str, item: L1Item, stamp: int) -> bool:
+        """Hold ``item`` if ``key``'s generation is still ``stamp``, in one atomic step."""
+        ...
+
+    def begin_write(self, key: str) -> int:
+        """This process starts writing ``key`` (moves its generation); the ticket to end it."""
+        ...
+
+    def end_write(self, key: str, item: L1Item | None, ticket: int) -> bool:
+        """The write ended: hold ``item`` only if no eviction and no other write of ``key``
+        overlapped it (their order in L2 is unknown here); else drop ``key``."""
+        ...
+
+    def evict(self, key: str) -> None:
+        """Drop ``key`` because it changed (moves its generation)."""
+        ...
+
+    def evict_many(self, keys: list[str]) -> None:
+        """:meth:`evict` each of ``keys``."""
+        ...
+
+    def evict_matching(self, match: Callable[[str, L1Item], bool]) -> int:
+        """Drop every entry ``match(key, item)`` selects (moves every generation)."""
         ...
 
     def discard_many(self, keys: list[str]) -> None:
@@ -205,16 +238,27 @@ class L2Store(Protocol):
         ...
 
     def fill(
-        self, key: str, seen_version: bytes, envelope: bytes, ttl: float, token: str, message: bytes
-    ) -> bool:
+        self,
+        key: str,
+        seen_version: bytes,
+        envelope: bytes,
+        ttl: float,
+        token: str,
+        message: bytes,
+        age: float = 0.0,
+        horizon: float = float("inf"),
+    ) -> tuple[int, int]:
         """Write a loaded value: a compare-and-set on the entry's version, atomically.
 
         Writes ``envelope`` (physical TTL ``ttl``) and publishes ``message`` only if the
         version stored for ``key`` is still ``seen_version``, the one the loader saw when it
         began (``NO_VERSION`` for an absent key); a :meth:`put`, a :meth:`tombstone` or
-        another fill since then changed it, and that newer write wins (promise P5). Either
-        way, releases ``key``'s lock if ``token`` (``""``: none) still holds it. True if
-        written.
+        another fill since then changed it, and that newer write wins (promise P5). A load
+        that saw no entry ``age`` seconds ago, more than ``horizon`` (a tombstone's lifetime),
+        is refused as well: a delete meanwhile may have left a tombstone that is gone now.
+        Either way, releases ``key``'s lock if ``token`` (``""``: none) still holds it.
+        Returns ``(outcome, now_us)``: 1 written, 0 refused for the version, 2 refused as too
+        old; and the server's clock in µs.
         """
         ...
 

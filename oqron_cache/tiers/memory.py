@@ -4,6 +4,16 @@ Items hold the value and the instants that govern it. The hot path (a fresh hit)
 ``LRUCache`` lookup and a comparison against the clock: no key building, no I/O. ``cachetools``
 caches are not thread-safe, so every access holds ``_lock`` (as ``cachetools.cached(lock=...)``
 does); the lock is held only around the dictionary operation.
+
+Generations keep copies read from below from undoing an eviction. A reader takes the key's
+:meth:`MemoryStore.stamp` before it reads L2 and puts what it read with :meth:`MemoryStore.put_if`,
+which checks the stamp and puts in one locked step; every eviction (:meth:`~MemoryStore.evict`,
+:meth:`~MemoryStore.evict_many`, :meth:`~MemoryStore.evict_matching`, :meth:`~MemoryStore.clear`)
+moves the generation under the same lock. So a put either happens before the eviction (which then
+drops it) or sees it (and does not happen). A write of this process brackets its L2 write with
+:meth:`~MemoryStore.begin_write` and :meth:`~MemoryStore.end_write`: its copy is kept only if no
+eviction and no other write of the key overlapped it, since the order in which two overlapping
+writes reached L2 is not known here.
 """
 
 from __future__ import annotations
@@ -80,10 +90,15 @@ class _CountingLRU(LRUCache[str, L1Item]):
             self._clearing = False
 
 
+BUCKETS = 256  # generations are kept per bucket of keys (hash % BUCKETS), plus one for all keys
+_MASK = BUCKETS - 1
+CONTENDED = -1  # the ticket of a write that overlapped another write of its bucket
+
+
 class MemoryStore:
     """L1 store of one cache. Thread-safe; bounded by ``max_size`` entries (promise P9)."""
 
-    __slots__ = ("_data", "_lock", "data", "lock", "max_size")
+    __slots__ = ("_all", "_data", "_gen", "_lock", "_writing", "data", "lock", "max_size")
 
     def __init__(self, max_size: int, on_evict: Callable[[], None] | None = None) -> None:
         self.max_size = max_size
@@ -93,6 +108,81 @@ class MemoryStore:
         # Exposed for the read path's inlined hit lookup (CacheStack.get); hold ``lock``.
         self.data = self._data
         self.lock = self._lock
+        # Generations: both only grow, so their sum changes whenever either does.
+        self._all = 0
+        self._gen = [0] * BUCKETS
+        self._writing = [0] * BUCKETS  # writes of this process in flight, per bucket
+
+    # -- guarded puts (see the module docstring)
+
+    def stamp(self, key: str) -> int:
+        """``key``'s generation now: take it before reading below, give it to :meth:`put_if`."""
+        with self._lock:
+            return self._all + self._gen[hash(key) & _MASK]
+
+    def put_if(self, key: str, item: L1Item, stamp: int) -> bool:
+        """Hold ``item`` if no eviction of ``key`` happened since ``stamp`` was taken."""
+        bucket = hash(key) & _MASK
+        with self._lock:
+            if self._all + self._gen[bucket] != stamp:
+                return False
+            self._data[key] = item
+            return True
+
+    def begin_write(self, key: str) -> int:
+        """A write of ``key`` by this process starts; returns its ticket for :meth:`end_write`."""
+        bucket = hash(key) & _MASK
+        with self._lock:
+            self._gen[bucket] += 1
+            self._writing[bucket] += 1
+            if self._writing[bucket] > 1:
+                return CONTENDED
+            return self._all + self._gen[bucket]
+
+    def end_write(self, key: str, item: L1Item | None, ticket: int) -> bool:
+        """The write ended: hold ``item`` if nothing overlapped it, else drop ``key``.
+
+        ``item`` ``None`` (nothing to keep) drops ``key`` too. Returns whether it was held.
+        """
+        bucket = hash(key) & _MASK
+        with self._lock:
+            self._writing[bucket] -= 1
+            if item is not None and ticket == self._all + self._gen[bucket]:
+                self._data[key] = item
+                return True
+            self._gen[bucket] += 1  # and a read that put a copy meanwhile loses it
+            self._data.pop(key, None)
+            return False
+
+    def evict(self, key: str) -> None:
+        """Drop ``key`` because it changed: puts of copies read before now will not happen."""
+        bucket = hash(key) & _MASK
+        with self._lock:
+            self._gen[bucket] += 1
+            self._data.pop(key, None)
+
+    def evict_many(self, keys: list[str]) -> None:
+        """:meth:`evict` each of ``keys``."""
+        with self._lock:
+            for key in keys:
+                self._gen[hash(key) & _MASK] += 1
+                self._data.pop(key, None)
+
+    def evict_matching(self, match: Callable[[str, L1Item], bool]) -> int:
+        """Drop every entry for which ``match(key, item)`` holds; puts of copies read before
+        now will not happen for any key. Returns how many were dropped.
+
+        ``match`` runs outside the lock (a pattern may take a while over many keys).
+        """
+        with self._lock:
+            self._all += 1
+            snapshot = list(self._data.items())
+        doomed = [(key, item) for key, item in snapshot if match(key, item)]
+        with self._lock:
+            for key, item in doomed:
+                if self._data.get(key) is item:
+                    del self._data[key]
+        return len(doomed)
 
     def get(self, key: str) -> L1Item | None:
         """The item for ``key`` (marking it recently used), or ``None``."""
@@ -129,8 +219,9 @@ class MemoryStore:
                 self._data.pop(key, None)
 
     def clear(self) -> int:
-        """Drop every entry; return how many there were."""
+        """Drop every entry (an eviction of all keys); return how many there were."""
         with self._lock:
+            self._all += 1
             count = len(self._data)
             self._data.clear()
             return count

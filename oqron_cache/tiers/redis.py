@@ -68,6 +68,9 @@ class RedisConn:
         self.record_script = client.register_script(scripts.RECORD)
         self.drop_script = client.register_script(scripts.DROP_IF_VERSION)
         self.put_if_newer_script = client.register_script(scripts.PUT_IF_NEWER)
+        self.write_if_newer_script = client.register_script(scripts.WRITE_IF_NEWER)
+        self.drop_tagged_script = client.register_script(scripts.DROP_IF_TAGGED)
+        self.unindex_script = client.register_script(scripts.UNINDEX)
         self.origin_begin_script = client.register_script(scripts.ORIGIN_BEGIN)
         self.origin_done_script = client.register_script(scripts.ORIGIN_DONE)
         self.read_at_script = client.register_script(scripts.READ_AT)
@@ -221,12 +224,38 @@ class RedisStore:
         )
 
     def fill(
-        self, key: str, seen_version: bytes, envelope: bytes, ttl: float, token: str, message: bytes
-    ) -> bool:
-        """Write ``envelope`` if the entry's version is still ``seen_version``; announce; unlock."""
+        self,
+        key: str,
+        seen_version: bytes,
+        envelope: bytes,
+        ttl: float,
+        token: str,
+        message: bytes,
+        age: float = 0.0,
+        horizon: float = float("inf"),
+    ) -> tuple[int, int]:
+        """Write ``envelope`` if the entry's version is still ``seen_version``; announce; unlock.
+
+        ``age`` is how long ago the load read the entry (seconds); a load that found no entry
+        and is older than ``horizon`` (a tombstone's lifetime) is refused. Returns ``(1, now)``
+        if written, ``(0, now)`` if a newer version is there, ``(2, now)`` if too old, with
+        Redis's clock in µs.
+        """
         keys = [self.keys.value(key), self.keys.lock(key)]
-        args = [seen_version, envelope, max(1, int(ttl * 1000)), token, self.channel, message]
-        return bool(self.conn.run(self.conn.fill_script, keys=keys, args=args))
+        limit = 1 << 62 if horizon == float("inf") else _ms(horizon)
+        args = [
+            seen_version,
+            envelope,
+            _ms(ttl),
+            token,
+            self.channel,
+            message,
+            int(age * 1000),
+            limit,
+        ]
+        reply = self.conn.run(self.conn.fill_script, keys=keys, args=args)
+        written, now_us = cast("list[int]", reply)
+        return int(written), int(now_us)
 
     def put(self, key: str, envelope: bytes, ttl: float, message: bytes) -> None:
         """Write ``envelope`` unconditionally (a set or a tombstone) and announce it."""

@@ -16,22 +16,32 @@ from __future__ import annotations
 # ARGV[4] - the writer's lock token ('' = it holds no lock)
 # ARGV[5] - bus channel
 # ARGV[6] - bus message announcing the fill
+# ARGV[7] - how long ago the load read the entry, ms (its age)
+# ARGV[8] - how long a delete's tombstone lives, ms (the horizon)
 # Writes only if the entry's version is still ARGV[1] (a newer write or an invalidation wins),
-# announces it, and releases the lock if the writer still owns it. Returns 1 if written.
+# announces it, and releases the lock if the writer still owns it. A load that found no entry
+# and is older than the horizon is refused too: a delete made while it ran may have left a
+# tombstone that has expired since, so "still no entry" proves nothing.
+# Returns {1 written | 0 refused (version) | 2 refused (too old), Redis time in µs}.
 FILL = """
 local cur = redis.call('GET', KEYS[1])
 local seen = ''
 if cur then seen = string.sub(cur, 3, 10) end
 local written = 0
 if seen == ARGV[1] then
-  redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
-  redis.call('PUBLISH', ARGV[5], ARGV[6])
-  written = 1
+  if seen == '' and tonumber(ARGV[7]) > tonumber(ARGV[8]) then
+    written = 2
+  else
+    redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+    redis.call('PUBLISH', ARGV[5], ARGV[6])
+    written = 1
+  end
 end
 if ARGV[4] ~= '' and redis.call('GET', KEYS[2]) == ARGV[4] then
   redis.call('DEL', KEYS[2])
 end
-return written
+local t = redis.call('TIME')
+return {written, tonumber(t[1]) * 1000000 + tonumber(t[2])}
 """
 
 # KEYS[1] - the entry's value key
@@ -39,7 +49,7 @@ return written
 # ARGV[2] - physical TTL, ms
 # ARGV[3] - bus channel
 # ARGV[4] - bus message
-# An unconditional write (set/delete) and its announcement, in one round trip.
+# An unconditional write (a set) and its announcement, in one round trip.
 PUT = """
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
 redis.call('PUBLISH', ARGV[3], ARGV[4])
@@ -127,16 +137,24 @@ return 0
 
 
 # KEYS[1]    - the cache's invalidation log (sorted set, cache-wide slot)
-# KEYS[2..n] - the tag sets of the entry's tags (same slot)
-# ARGV[1]    - the member naming the entry: encoded key .. '|' .. version hex
-# ARGV[2]    - how long the tag sets must live at least, ms
+# KEYS[2..n] - the tag indexes of the entry's tags (sorted sets, same slot)
+# ARGV[1]    - the member naming the entry: its encoded key
+# ARGV[2]    - how long the tag indexes must live at least, ms
 # ARGV[3]    - when the load of the entry began (Redis time, µs)
-# After a fill: index the entry under its tags, and return the invalidations recorded since the
-# load began. Atomic: an invalidation either comes before (the filler sees it and withdraws its
-# entry) or after (its scan of the tag set finds the entry).
+# ARGV[4]    - how long an entry lives in Redis (ttl + stale_ttl), µs
+# After a fill (or a set, or a slide of a sliding entry): index the entry under its tags, scored
+# with Redis's clock now, and return the invalidations recorded since its load began. Atomic: an
+# invalidation either comes before (the filler sees it and withdraws its entry) or after (its
+# scan of the tag index finds the entry). A key is one member however often it is written; a
+# member not indexed again within an entry's lifetime names an entry that is gone, and leaves.
 INDEX = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local score = string.format('%.0f', now)
+local gone = string.format('%.0f', now - tonumber(ARGV[4]))
 for i = 2, #KEYS do
-  redis.call('SADD', KEYS[i], ARGV[1])
+  redis.call('ZADD', KEYS[i], score, ARGV[1])
+  redis.call('ZREMRANGEBYSCORE', KEYS[i], '-inf', '(' .. gone)
   if redis.call('PTTL', KEYS[i]) < tonumber(ARGV[2]) then
     redis.call('PEXPIRE', KEYS[i], ARGV[2])
   end
@@ -144,17 +162,64 @@ end
 return redis.call('ZRANGEBYSCORE', KEYS[1], ARGV[3], '+inf')
 """
 
+# KEYS[1] - a tag index (sorted set)
+# ARGV    - pairs: member, the score it had when the invalidation read it
+# After a tag invalidation dropped a page of entries: remove their members, except those indexed
+# again since the page was read (a fill that landed after the drop keeps its place).
+UNINDEX = """
+local n = 0
+for i = 1, #ARGV, 2 do
+  local score = redis.call('ZSCORE', KEYS[1], ARGV[i])
+  if score and tonumber(score) == tonumber(ARGV[i + 1]) then
+    redis.call('ZREM', KEYS[1], ARGV[i])
+    n = n + 1
+  end
+end
+return n
+"""
+
 # KEYS[1] - the cache's invalidation log
 # ARGV[1] - the invalidation ('p:' .. pattern or 't:' .. tag)
 # ARGV[2] - how long invalidations are remembered, ms
 # Records an invalidation at Redis's clock (µs) and forgets the old ones; returns the time.
+# (Scores are formatted as integers: Lua's own number format would round the µs away.)
 RECORD = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-redis.call('ZADD', KEYS[1], now, ARGV[1])
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - tonumber(ARGV[2]) * 1000)
+local old = now - tonumber(ARGV[2]) * 1000
+redis.call('ZADD', KEYS[1], string.format('%.0f', now), ARGV[1])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', string.format('%.0f', old))
 redis.call('PEXPIRE', KEYS[1], ARGV[2])
 return now
+"""
+
+# KEYS[1] - the entry's value key
+# ARGV[1] - the tag, as the JSON string it is in the envelope's tag block (e.g. "\"t:1\"")
+# ARGV[2] - tombstone envelope
+# ARGV[3] - tombstone TTL, ms
+# Tag invalidation: drop the entry if it carries the tag now (a newer write without the tag
+# stays). The tag block is a JSON list of JSON strings, in which every quote inside a string is
+# escaped; so '[' or ',' then ARGV[1] then ',' or ']' is exactly an element equal to the tag.
+DROP_IF_TAGGED = """
+local cur = redis.call('GET', KEYS[1])
+if not cur or string.len(cur) < 44 or bit.band(string.byte(cur, 2), 1) == 1 then
+  return 0
+end
+local n = struct.unpack('>H', string.sub(cur, 43, 44))
+if n == 0 then
+  return 0
+end
+local block = string.sub(cur, 45, 44 + n)
+local e = ARGV[1]
+if block == '[' .. e .. ']'
+    or string.sub(block, 1, #e + 2) == '[' .. e .. ','
+    or string.sub(block, -(#e + 2)) == ',' .. e .. ']'
+    or string.find(block, ',' .. e .. ',', 1, true) then
+  redis.call('DEL', KEYS[1])
+  redis.pcall('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+  return 1
+end
+return 0
 """
 
 # KEYS[1] - the entry's value key
@@ -179,7 +244,8 @@ return 0
 
 
 # KEYS[1] - the entry's value key
-# KEYS[2] - the entry's write-through outcomes (hash: version hex -> status)
+# KEYS[2] - the entry's write-through outcomes (hash: version hex -> status; "hw" -> the newest
+#           created_at that reached the origin)
 # ARGV[1] - the new envelope
 # ARGV[2] - its physical TTL, ms
 # ARGV[3] - its created_at (seconds, the writer's wall clock)
@@ -188,12 +254,18 @@ return 0
 # ARGV[6] - the new envelope's version (8 bytes)
 # ARGV[7] - the version as hex (the outcome's field)
 # ARGV[8] - how long outcomes are kept, ms
-# Write-through's cache link: write unless a newer write (or delete) is already there, record
-# the outcome "ok" either way, announce. Idempotent: a redelivered link rewrites the same entry.
+# Write-through's cache link: write unless a newer write reached the origin, or a newer write (or
+# delete) is already in the cache; a fill never blocks it, whatever its created_at (a fill's
+# value was read from the origin at an unknown time, perhaps before this write). Record the
+# outcome "ok" either way, announce. Idempotent: a redelivered link rewrites the same entry.
 PUT_IF_NEWER = """
 local cur = redis.call('GET', KEYS[1])
 local write = true
-if cur and string.len(cur) >= 44 and string.sub(cur, 3, 10) ~= ARGV[6] then
+local hw = tonumber(redis.call('HGET', KEYS[2], 'hw') or '-1')
+if hw > tonumber(ARGV[3]) then
+  write = false
+elseif cur and string.len(cur) >= 44 and string.sub(cur, 3, 10) ~= ARGV[6]
+    and bit.band(string.byte(cur, 2), 3) ~= 0 then
   local created = struct.unpack('>d', string.sub(cur, 11, 18))
   if created > tonumber(ARGV[3]) then
     write = false
@@ -209,6 +281,28 @@ if write then
   return 1
 end
 return 0
+"""
+
+
+# KEYS[1] - the entry's value key
+# ARGV[1] - the envelope of a set() or of a delete's tombstone, made while Redis was unreachable
+# ARGV[2] - its physical TTL, ms
+# ARGV[3] - its created_at (seconds, the writer's wall clock)
+# ARGV[4] - bus channel
+# ARGV[5] - bus message
+# The replay of a deferred write (auto-recovery): lands unless a newer write (or delete) is there
+# already; like any write it replaces a fill. Returns 1 if written.
+WRITE_IF_NEWER = """
+local cur = redis.call('GET', KEYS[1])
+if cur and string.len(cur) >= 44 and bit.band(string.byte(cur, 2), 3) ~= 0 then
+  local created = struct.unpack('>d', string.sub(cur, 11, 18))
+  if created > tonumber(ARGV[3]) then
+    return 0
+  end
+end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+redis.call('PUBLISH', ARGV[4], ARGV[5])
+return 1
 """
 
 
