@@ -131,7 +131,7 @@ class _Fixed:
         self.width = len(items)
         # For checking at a position: the literal runs (one startswith each), then the classes.
         self.runs: list[tuple[int, str]] = []
-        self.sets: list[tuple[int, frozenset[str] | CharClass]] = []
+        self.sets: list[tuple[int, frozenset[str] | CharClass, bool]] = []  # (.., negated)
         k = 0
         while k < len(items):
             j = k
@@ -142,8 +142,10 @@ class _Fixed:
                 k = j
                 continue
             item = items[k]
-            if isinstance(item, frozenset | CharClass):
-                self.sets.append((k, item))
+            if isinstance(item, CharClass) and not item.ranges:  # "[^...]": a set, negated
+                self.sets.append((k, item.chars, item.negate))
+            elif isinstance(item, frozenset | CharClass):
+                self.sets.append((k, item, False))
             k += 1
         # For searching: bit j of a mask is set if item j accepts the character.
         self.high = 1 << (self.width - 1)
@@ -155,8 +157,8 @@ class _Fixed:
         for offset, run in self.runs:
             if not key.startswith(run, pos + offset):
                 return False
-        for offset, members in self.sets:  # noqa: SIM110 - a loop: no generator per call
-            if key[pos + offset] not in members:
+        for offset, members, negated in self.sets:
+            if (key[pos + offset] in members) is negated:
                 return False
         return True
 
