@@ -10,6 +10,11 @@ waiting for those keys to be filled. Pub/sub delivers at most once, so when the 
 connection (or stops hearing the server answer its pings) the process flushes its L1 and keeps L1
 off until the subscription is back; it flushes again on resubscribe, since messages may have been
 missed in between (promise P7).
+
+A message that does not parse (a ``pattern`` message whose patterns do not parse included) or
+that the handler fails on is dropped and counted in ``dropped_messages``, and logged at most once
+per ``LOG_DROPS_EVERY`` seconds: it costs that message, never the subscription (taken for a lost
+connection, one bad message made every process of the namespace flush its L1 and resubscribe).
 """
 
 from __future__ import annotations
@@ -26,11 +31,15 @@ from typing import Any
 import redis
 
 from .cluster import refresh_layout
+from .errors import ConfigurationError
+from .glob_match import parse
+from .keys import printable
 
 log = logging.getLogger("oqron_cache.bus")
 
 MAX_MESSAGE_BYTES = 1 << 20
 MAX_KEYS_PER_MESSAGE = 10_000
+LOG_DROPS_EVERY = 5.0  # seconds: at most one log line about dropped messages per window
 
 Handler = Callable[[str, str, list[str], bool], None]  # (cache, op, keys, from_self)
 
@@ -62,6 +71,12 @@ def decode_message(data: bytes) -> tuple[str, str, str, list[str]] | None:
         and all(isinstance(k, str) for k in keys)
     ):
         return None
+    if op == "pattern":  # a pattern that does not parse is refused here, not by every handler
+        try:
+            for pattern in keys:
+                parse(pattern)
+        except ConfigurationError:
+            return None
     return origin, cache, str(op), keys
 
 
@@ -131,6 +146,7 @@ class Bus:
         self.healthy = False
         self.reconnects = 0
         self.dropped_messages = 0
+        self._next_drop_log = 0.0  # time.monotonic() before which drops are counted, not logged
 
     def start(self, wait: float = 1.0) -> bool:
         """Start the listener thread; wait up to ``wait`` seconds for the subscription."""
@@ -208,16 +224,44 @@ class Bus:
 
     def _dispatch(self, data: object) -> None:
         if not isinstance(data, bytes):
-            self.dropped_messages += 1
+            if self._count_drop():
+                log.warning("bus: dropped a message that is not bytes%s", self._total())
             return
         parsed = decode_message(data)
         if parsed is None:
-            self.dropped_messages += 1
-            log.warning("bus: dropped a malformed message (%d bytes)", len(data))
+            if self._count_drop():
+                log.warning("bus: dropped a malformed message (%d B)%s", len(data), self._total())
             return
         origin, cache, op, keys = parsed
         try:
             self._handler(cache, op, keys, origin == self.origin)
+        except Exception as exc:
+            # A message this process cannot apply costs that message, not the subscription:
+            # taken for a lost connection, it made every process flush its L1 and resubscribe.
+            if self._count_drop():
+                log.warning(
+                    "bus: dropped a %r message for cache %s: %s: %s%s",
+                    op,
+                    printable(cache),
+                    type(exc).__name__,
+                    printable(str(exc), 200),
+                    self._total(),
+                )
         finally:
             if op in ("fill", "evict"):
                 self.waiters.wake(cache, keys)
+
+    def _count_drop(self) -> bool:
+        """Count a dropped message; True if it should be logged (once per window)."""
+        self.dropped_messages += 1
+        now = time.monotonic()
+        if now < self._next_drop_log:
+            return False
+        self._next_drop_log = now + LOG_DROPS_EVERY
+        return True
+
+    def _total(self) -> str:
+        return (
+            f" ({self.dropped_messages} dropped since start; at most one such line "
+            f"per {LOG_DROPS_EVERY:g} s)"
+        )

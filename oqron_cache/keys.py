@@ -22,6 +22,7 @@ from urllib.parse import unquote
 
 from .call_keys import KeyFunc, decode_call, encode_call, encode_call_ex
 from .errors import ConfigurationError
+from .glob_match import compile_tokens, parse
 
 __all__ = [
     "CACHE_NAME_RE",
@@ -84,7 +85,25 @@ def escape(text: str) -> str:
 
 
 class Glob:
-    """A user's glob over the keys of one cache: ``*``, ``?``, ``[abc]``/``[^a-z]``, ``\\x``.
+    """A user's glob over the keys of one cache, matched on the unescaped key.
+
+    The syntax, matched case-sensitively against the whole key:
+
+    * ``*`` matches any run of characters, empty or not, newlines included;
+    * ``?`` matches exactly one character, a newline included;
+    * ``[abc]`` one character of the set, ``[a-z]`` one in the inclusive range (by code point),
+      ``[^a-z]`` one character *not* in the set (``^`` negates; ``!`` is an ordinary member).
+      A ``]`` right after ``[`` or ``[^`` is a member (``[]a]``, ``[^]]``); a ``-`` first or
+      last is a member (``[a-]``); after a range, a ``-`` starts a new member (``[a-c-e]`` is
+      ``a``..``c``, ``-`` and ``e``). There are no escapes inside a class (``[\\]]`` is ``\\``
+      followed by ``]``). An unclosed ``[`` or a reversed range (``[z-a]``) raises
+      :class:`ConfigurationError` naming the pattern;
+    * ``\\x`` matches the character ``x`` literally; a trailing lone ``\\`` is literal;
+    * every other character, ``%`` included, matches itself.
+
+    Matching takes time linear in the key's length whatever the pattern (see
+    :mod:`.glob_match`: no regex, no backtracking), so a pattern from anyone (the API, a task, a
+    bus message) cannot stall the threads that match it.
 
     Keys are stored escaped (a space is ``%20``), so a ``?`` cannot be expressed in Redis's own
     glob over the escaped form. ``scan`` is therefore a SCAN MATCH fragment that matches a
@@ -92,50 +111,18 @@ class Glob:
     glob character), and :meth:`matches` decides exactly on the unescaped key.
     """
 
-    __slots__ = ("pattern", "regex", "scan")
+    __slots__ = ("_match", "pattern", "scan")
 
     def __init__(self, pattern: str) -> None:
         self.pattern = pattern
-        scan: list[str] = []
-        regex: list[str] = []
-        i = 0
-        while i < len(pattern):
-            ch = pattern[i]
-            if ch == "\\" and i + 1 < len(pattern):
-                scan.append(escape(pattern[i + 1]))
-                regex.append(re.escape(pattern[i + 1]))
-                i += 2
-                continue
-            if ch in "*?":
-                scan.append("*")
-                regex.append(".*" if ch == "*" else ".")
-            elif ch == "[":
-                end = pattern.find("]", i + 2)
-                if end == -1:
-                    raise ConfigurationError(f"pattern {pattern!r} has an unclosed '['")
-                body = pattern[i + 1 : end]
-                negate = body.startswith("^")
-                chars = body[1:] if negate else body
-                parts = [
-                    c if c == "-" and 0 < k < len(chars) - 1 else re.escape(c)
-                    for k, c in enumerate(chars)
-                ]
-                regex.append("[" + ("^" if negate else "") + "".join(parts) + "]")
-                scan.append("*")
-                i = end
-            else:
-                scan.append(escape(ch))
-                regex.append(re.escape(ch))
-            i += 1
-        self.scan = re.sub(r"\*+", "*", "".join(scan))
-        try:
-            self.regex = re.compile("".join(regex), re.DOTALL)
-        except re.error as exc:
-            raise ConfigurationError(f"pattern {pattern!r} is not a valid glob: {exc}") from None
+        tokens = parse(pattern)
+        scan = "".join(escape(token) if isinstance(token, str) else "*" for token in tokens)
+        self.scan = re.sub(r"\*+", "*", scan)
+        self._match = compile_tokens(tokens)
 
     def matches(self, key: str) -> bool:
-        """Does the (unescaped) cache key ``key`` match the pattern?"""
-        return self.regex.fullmatch(key) is not None
+        """Does the (unescaped) cache key ``key`` match the whole pattern?"""
+        return self._match(key)
 
 
 def escape_glob(pattern: str) -> str:
