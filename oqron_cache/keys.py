@@ -84,6 +84,9 @@ def escape(text: str) -> str:
     return "".join(out)
 
 
+MAX_SCAN_STARS = 4  # a SCAN MATCH fragment with more stars keeps only its ends (see Glob)
+
+
 class Glob:
     """A user's glob over the keys of one cache, matched on the unescaped key.
 
@@ -117,7 +120,13 @@ class Glob:
         self.pattern = pattern
         tokens = parse(pattern)
         scan = "".join(escape(token) if isinstance(token, str) else "*" for token in tokens)
-        self.scan = re.sub(r"\*+", "*", scan)
+        scan = re.sub(r"\*+", "*", scan)
+        if scan.count("*") > MAX_SCAN_STARS:
+            # Redis before 7.0.9 matched many stars in exponential time (CVE-2022-36021): give
+            # it only the literal text before the first star and after the last; the exact
+            # match is decided here anyway.
+            scan = f"{scan.partition('*')[0]}*{scan.rpartition('*')[2]}"
+        self.scan = scan
         self._match = compile_tokens(tokens)
 
     def matches(self, key: str) -> bool:
