@@ -20,7 +20,9 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
+from celery import Celery
 
+import oqron_cache
 from oqron_cache.config import current_runtime, reinit_after_fork
 from oqron_cache.metrics import COUNTERS
 from oqron_cache.testing import FakeClock, wait_for_refreshes
@@ -30,6 +32,7 @@ from tests.procs.forking import Channel, Forked, Origin
 pytestmark = pytest.mark.filterwarnings("ignore:.*multi-threaded.*fork:DeprecationWarning")
 
 COUNTED = ("gets", *COUNTERS)
+RABBIT = "amqp://guest:guest@127.0.0.1:5672//"
 
 
 def wait_until(check: Callable[[], Any], timeout: float = 10.0, what: str = "") -> Any:
@@ -329,3 +332,39 @@ def test_a_thread_holding_a_lock_at_fork_does_not_block_the_child(
         release.set()
         holder.join(10)
     assert (local["gets"], local["l2_hits"]) == (1, 1)
+
+
+def test_child_publishes_on_its_own_broker_connection(
+    redis_url: str, namespace: str, make_cache: Callable[..., Any]
+) -> None:
+    app = Celery(f"fork-{namespace}", broker=RABBIT, set_as_current=False)
+    app.conf.update(task_serializer="json", accept_content=["json"], broker_connection_timeout=5)
+    oqron_cache.configure(redis_url=redis_url, namespace=namespace, celery_app=app)
+    queue = f"oqron-fork-{namespace}"
+    try:
+        app.send_task("fork.noop", queue=queue)  # the parent's pool now holds a connection
+        parent_pool = app.pool
+        c = make_cache(ttl="60s")
+        c.set("k", 1)
+
+        def child(channel: Channel) -> bool:
+            assert c.get("k") == 1  # first use: the child's runtime
+            assert app.pool is not parent_pool  # its own connections, not the parent's socket
+            app.send_task("fork.noop", queue=queue)
+            return True
+
+        assert Forked(child).result() is True
+        assert app.pool is parent_pool
+        app.send_task("fork.noop", queue=queue)  # the parent's connection still works
+
+        def queued() -> int:
+            with app.connection_for_write() as conn:
+                ok = conn.default_channel.queue_declare(queue, passive=True)
+                return int(ok.message_count) == 3
+
+        wait_until(queued, 10.0, "three messages in the queue")
+    finally:
+        with app.connection_for_write() as conn:
+            conn.default_channel.queue_delete(queue)
+        oqron_cache.reset()
+        app.close()
