@@ -159,12 +159,12 @@ def configure(
 def reinit_after_fork() -> None:
     """Give a forked child its own connections and threads now, rather than on first use.
 
-    For Celery's ``worker_process_init`` (connected by the library) and uWSGI's
-    ``@postfork``. In a child of ``os.fork()`` the at-fork hook (:mod:`oqron_cache.fork`)
-    has already dropped the parent's runtime; this builds the child's own (same settings)
-    and waits for its bus subscription. Calling it again changes nothing. In a child forked
-    without Python's at-fork hooks (uWSGI without ``--py-call-uwsgi-fork-hooks``), it first
-    does what the hook would have done.
+    Called from Celery's ``worker_process_init`` (connected by the library). In a child of
+    ``os.fork()`` the at-fork hook (:mod:`oqron_cache.fork`) has already dropped the parent's
+    runtime; this builds the child's own (same settings) and waits for its bus subscription.
+    Calling it again changes nothing. In a child forked without Python's at-fork hooks (uWSGI
+    without ``py-call-uwsgi-fork-hooks``), it first does what the hook would have done: best
+    effort, since such a child also missed CPython's own after-fork repairs.
     """
     from .fork import after_fork_in_child
 
