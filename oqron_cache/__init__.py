@@ -13,6 +13,7 @@ Quick use::
 
 from __future__ import annotations
 
+from . import fork as _fork  # noqa: F401 - registers the at-fork hook (P11)
 from .config import configure, reset
 from .decorator import CachedFunction, refreshing_cache
 from .errors import (

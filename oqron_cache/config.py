@@ -92,6 +92,8 @@ class Settings:
 
 _lock = threading.Lock()
 _runtime: Any = None  # the current Runtime (set by configure)
+# The settings of a Runtime dropped in a forked child: the child builds its own on first use.
+_inherited: Settings | None = None
 
 
 def configure(
@@ -122,7 +124,7 @@ def configure(
     """
     from .runtime import Runtime
 
-    global _runtime
+    global _runtime, _inherited  # noqa: PLW0603 - the process's one configuration
     # redis_url="" means "no Redis" even when $OQRON_REDIS_URL is set.
     url = redis_url if redis_url is not None else os.environ.get("OQRON_REDIS_URL") or None
     url = url or None
@@ -147,6 +149,7 @@ def configure(
         raise
     with _lock:
         old, _runtime = _runtime, new
+        _inherited = None
     _unbind_all()
     if old is not None:
         old.close()
@@ -154,26 +157,37 @@ def configure(
 
 
 def reinit_after_fork() -> None:
-    """Give a forked child (a prefork worker process) its own connections and threads.
+    """Give a forked child its own connections and threads now, rather than on first use.
 
-    Threads do not survive ``fork()``: the bus listener and the dispatcher of the parent are
-    gone, and its sockets must not be shared. Reconfigure with the same settings.
+    Called from Celery's ``worker_process_init`` (connected by the library). In a child of
+    ``os.fork()`` the at-fork hook (:mod:`oqron_cache.fork`) has already dropped the parent's
+    runtime; this builds the child's own (same settings) and waits for its bus subscription.
+    Calling it again changes nothing. In a child forked without Python's at-fork hooks (uWSGI
+    without ``py-call-uwsgi-fork-hooks``), it first does what the hook would have done: best
+    effort, since such a child also missed CPython's own after-fork repairs.
     """
-    global _runtime  # noqa: PLW0603 - see configure()
-    old = _runtime
-    if old is None or old.implicit:
-        return
-    _runtime = None
-    _unbind_all()
-    configure(
-        old.settings.redis_url,
-        old.settings.celery_app,
-        old.settings.namespace,
-        op_timeout=old.settings.op_timeout,
-        connect_timeout=old.settings.connect_timeout,
-        enqueue_budget=old.settings.enqueue_budget,
-        clock=old.settings.clock,
-    )
+    from .fork import after_fork_in_child
+
+    runtime = _runtime
+    if runtime is not None and runtime.pid != os.getpid():
+        after_fork_in_child()  # forked from C: no at-fork hook ran
+    if _inherited is not None:
+        current_runtime()
+
+
+def forget_after_fork() -> Any:
+    """In a forked child: drop the inherited Runtime, keep its settings; return it.
+
+    Part of :func:`oqron_cache.fork.after_fork_in_child`: no I/O, no lock taken (a parent
+    thread may have held ``_lock`` at the fork; the child gets a new one). The next
+    :func:`current_runtime` builds and starts the child's own Runtime from the same settings.
+    """
+    global _lock, _runtime, _inherited  # noqa: PLW0603 - see configure()
+    _lock = threading.Lock()
+    old, _runtime = _runtime, None
+    if old is not None and not old.implicit:
+        _inherited = old.settings
+    return old
 
 
 def _unbind_all() -> None:
@@ -213,22 +227,38 @@ def _is_pickle(content_type: object) -> bool:
 
 
 def current_runtime(create: bool = True) -> Any:
-    """The current Runtime; with ``create``, a Redis-less one if ``configure()`` never ran."""
-    global _runtime  # noqa: PLW0603 - see configure()
+    """The current Runtime; with ``create``, a Redis-less one if ``configure()`` never ran.
+
+    In a forked child the first call builds and starts the child's own Runtime from the
+    parent's settings (it waits, up to a second, for the bus subscription).
+    """
+    global _runtime, _inherited  # noqa: PLW0603 - see configure()
     if _runtime is None and create:
         from .runtime import Runtime
 
         with _lock:
             if _runtime is None:
-                _runtime = Runtime(Settings(None, "oqron", None, 0.25, 0.25, None), implicit=True)
+                if _inherited is None:
+                    _runtime = Runtime(
+                        Settings(None, "oqron", None, 0.25, 0.25, None), implicit=True
+                    )
+                else:
+                    new = Runtime(_inherited)
+                    try:
+                        new.start(check_policy=False)  # the parent has warned already
+                    except BaseException:
+                        new.close()
+                        raise
+                    _runtime, _inherited = new, None
     return _runtime
 
 
 def reset() -> None:
     """Forget the configuration and stop its threads (tests, and clean shutdown)."""
-    global _runtime
+    global _runtime, _inherited  # noqa: PLW0603 - see configure()
     with _lock:
         old, _runtime = _runtime, None
+        _inherited = None
     _unbind_all()
     if old is not None:
         old.close()

@@ -83,6 +83,14 @@ class Stats:
     """Counters of one cache in this process."""
 
     def __init__(self) -> None:
+        self.restart()
+
+    def restart(self) -> None:
+        """Every counter back to zero, with a new lock (what a forked child does).
+
+        The child's counters start empty: the parent flushes what it counted, the child only
+        what it counts itself. Takes no lock: a parent thread may have held the old one at fork.
+        """
         self._lock = threading.Lock()
         self.gets = itertools.count()
         self.stale_fast = itertools.count()  # stale L1 hits whose refresh was already requested

@@ -55,3 +55,13 @@ def all_caches() -> list[Cache]:
     """Every registered cache."""
     with _lock:
         return list(_caches.values())
+
+
+def after_fork() -> list[Cache]:
+    """In a forked child: a new lock (a parent thread may have held this one); every cache.
+
+    Reads the table without a lock: only the forking thread runs in the child.
+    """
+    global _lock  # noqa: PLW0603 - the old one may be held forever
+    _lock = threading.Lock()
+    return list(_caches.values())

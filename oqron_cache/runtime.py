@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import threading
 import time
 import warnings
@@ -64,6 +65,7 @@ class Runtime:
     def __init__(self, settings: Settings, implicit: bool = False) -> None:
         self.settings = settings
         self.implicit = implicit
+        self.pid = os.getpid()  # a child forked without at-fork hooks finds another pid here
         self.dispatcher = Dispatcher()
         self.client: redis.Redis | None = None
         self.conn: RedisConn | None = None
@@ -91,8 +93,11 @@ class Runtime:
                 self.flush_l1,
             )
 
-    def start(self) -> None:
-        """Check credentials and TLS now (fail fast), then start the bus listener."""
+    def start(self, check_policy: bool = True) -> None:
+        """Check credentials and TLS now (fail fast), then start the bus listener.
+
+        ``check_policy`` also warns if the Celery broker shares this Redis and may evict it.
+        """
         if self.client is None or self.bus is None:
             return
         url = mask_url(self.settings.redis_url or "")
@@ -119,7 +124,8 @@ class Runtime:
                 url,
                 self.settings.op_timeout,
             )
-        self._check_eviction_policy()
+        if check_policy:
+            self._check_eviction_policy()
         self.bus.start(wait=1.0)
         if self.stats_sync is not None:
             self.stats_sync.start()
@@ -221,6 +227,18 @@ class Runtime:
         if self.client is not None:
             with contextlib.suppress(Exception):  # closing is best effort
                 self.client.close()
+
+    def abandon(self) -> None:
+        """In a forked child: make this inherited Runtime inert, without I/O or locks.
+
+        Nothing is closed or stopped: its sockets are the parent's too, and its threads did
+        not survive the fork. Its bus says unhealthy (a stack still holding this Runtime keeps
+        L1 off) and its flusher never flushes in this process, not even at exit.
+        """
+        if self.bus is not None:
+            self.bus.healthy = False
+        if self.stats_sync is not None:
+            self.stats_sync.abandon()
 
     def status(self) -> dict[str, Any]:
         """A summary for diagnostics (no secrets)."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import atexit
 import logging
+import os
 import threading
 from typing import TYPE_CHECKING, Any, cast
 
@@ -35,6 +36,7 @@ class StatsSync:
         self._stop = threading.Event()
         self._lock = threading.Lock()  # one flush at a time: deltas must not be sent twice
         self._thread: threading.Thread | None = None
+        self._pid = os.getpid()  # a forked child must not flush through its parent's flusher
 
     def start(self) -> None:
         """Start the flusher thread and the flush at interpreter exit."""
@@ -50,6 +52,13 @@ class StatsSync:
         if self._thread is not None:
             self._thread.join(timeout=2)
             self._thread = None
+        atexit.unregister(self.flush_all)
+
+    def abandon(self) -> None:
+        """In a forked child: this flusher is the parent's; never run it here, even at exit.
+
+        The child's own Runtime has its own flusher, which sends only what the child counts.
+        """
         atexit.unregister(self.flush_all)
 
     def _run(self) -> None:
@@ -69,7 +78,7 @@ class StatsSync:
     def flush(self, stack: CacheStack) -> None:
         """Send ``stack``'s counter deltas to Redis; raises L2Unavailable if it cannot."""
         conn = self.runtime.conn
-        if conn is None:
+        if conn is None or os.getpid() != self._pid:
             return
         key = stats_key(self.runtime.settings.namespace, stack.name)
         with self._lock:

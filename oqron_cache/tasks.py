@@ -273,7 +273,11 @@ _hooked = False
 
 
 def _connect_fork_hook() -> None:
-    """After a prefork worker child starts, give it its own connections and threads."""
+    """After a prefork worker child starts, give it its own connections and threads.
+
+    The at-fork hook (:mod:`.fork`) has already dropped the parent's runtime in the child;
+    ``reinit_after_fork`` builds the child's own before its first task, once.
+    """
     global _hooked  # noqa: PLW0603 - one signal connection per process
     if _hooked:
         return
