@@ -221,6 +221,15 @@ class Recovery:
             after_fill(stack, op.subject, entry, NEVER)
         return "writes_replayed"
 
+    def abandon(self) -> None:
+        """In a forked child: forget the parent's queue and never start a thread (no lock
+        taken: a parent thread may have held it at the fork)."""
+        self._stop.set()
+        self._lock = threading.Lock()
+        self._ops = OrderedDict()
+        self.pending = 0
+        self._thread = None
+
     def close(self) -> None:
         """Stop the thread after one last attempt; what is left is dropped (and counted)."""
         self._stop.set()

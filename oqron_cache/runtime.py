@@ -239,6 +239,8 @@ class Runtime:
             self.bus.healthy = False
         if self.stats_sync is not None:
             self.stats_sync.abandon()
+        if self.recovery is not None:
+            self.recovery.abandon()  # the parent replays what it deferred, not the child
 
     def status(self) -> dict[str, Any]:
         """A summary for diagnostics (no secrets)."""

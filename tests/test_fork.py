@@ -14,6 +14,7 @@ import multiprocessing
 import os
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from typing import Any
 
@@ -319,3 +320,41 @@ def test_child_publishes_on_its_own_broker_connection(
             conn.default_channel.queue_delete(queue)
         oqron_cache.reset()
         app.close()
+
+
+def test_a_child_never_replays_what_its_parent_deferred(configured: str) -> None:
+    """P11 with P14: the parent's recovery queue is the parent's; the child starts empty."""
+    cache = oqron_cache.cache(f"fk-{uuid.uuid4().hex[:8]}", ttl="60s")
+    try:
+        stack = cache.stack
+        assert stack.runtime is not None
+        recovery = stack.runtime.recovery
+        assert recovery is not None
+        recovery._stop.set()  # hold the queue: no replay in the parent during the test
+        entry = stack._entry("k", "deferred in the parent", 0.0)
+        envelope = stack._encode("k", entry)
+        assert envelope is not None
+        recovery.defer_write(stack, "k", entry, envelope, 60.0)
+        read, write = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child
+            code = 1
+            try:
+                cache.get("other")  # first use in the child: its own runtime
+                runtime = cache.stack.runtime
+                child_recovery = runtime.recovery if runtime is not None else None
+                ok = child_recovery is not None and child_recovery is not recovery
+                ok = ok and child_recovery is not None and not child_recovery.pending
+                ok = ok and not recovery.pending and recovery._stop.is_set()
+                os.write(write, b"ok" if ok else b"no")
+                code = 0
+            finally:
+                os._exit(code)
+        os.close(write)
+        answer = os.read(read, 2)
+        os.close(read)
+        os.waitpid(pid, 0)
+        assert answer == b"ok"
+        assert recovery.pending == 1  # the parent's queue is untouched
+    finally:
+        cache.close()
