@@ -20,7 +20,7 @@ import re
 import time
 from collections.abc import Callable
 
-from oqron_cache.keys import Glob
+from oqron_cache.core.keys import Glob
 
 from .common import median, print_table
 

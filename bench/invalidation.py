@@ -230,7 +230,7 @@ def bulk_fill(cache: Any, client: redis.Redis, items: Iterable[tuple[str, Any]])
 
 def live_entries(admin: redis.Redis, cache: Any, pattern: str) -> int:
     """How many entries (not tombstones) of ``cache`` matching ``pattern`` L2 still holds."""
-    from oqron_cache.entry import FLAG_TOMBSTONE
+    from oqron_cache.core.entry import FLAG_TOMBSTONE
 
     live = 0
     keys = list(admin.scan_iter(match=cache.stack.l2.keys.match_values(pattern), count=5000))

@@ -236,7 +236,7 @@ class CeleryWorker:
         """When (wall clock, s; the log's ms resolution) the worker received the refresh task
         of ``key`` and when it logged the refresh's outcome (after the fill was published).
         Only the first of each; missing ones are absent."""
-        from oqron_cache.tasks import refresh_task_prefix
+        from oqron_cache.celery.tasks import refresh_task_prefix
 
         task = re.escape(refresh_task_prefix(cache, key))  # ids are "<prefix>:<lock digest>"
         marks = {

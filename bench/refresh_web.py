@@ -28,7 +28,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from oqron_cache.enqueue import REFRESH_QUEUE
+from oqron_cache.celery.enqueue import REFRESH_QUEUE
 
 from .bare_celery import BareRefresh
 from .refresh_caches import TTL, counter_key, make_value

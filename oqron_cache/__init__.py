@@ -13,10 +13,11 @@ Quick use::
 
 from __future__ import annotations
 
+from . import compat
 from . import fork as _fork  # noqa: F401 - registers the at-fork hook (P11)
+from .celery.write_through import WriteHandle, WriteThroughError, current_write_version
 from .config import configure, reset
-from .decorator import CachedFunction, refreshing_cache
-from .errors import (
+from .core.errors import (
     ConfigurationError,
     DuplicateCacheError,
     InvalidKeyError,
@@ -25,9 +26,11 @@ from .errors import (
     SerializationError,
     UnknownCacheError,
 )
+from .core.options import MemoryTier, RedisTier, Stampede
+from .decorator import CachedFunction, refreshing_cache
 from .frontend import Cache, cache
-from .options import MemoryTier, RedisTier, Stampede
-from .write_through import WriteHandle, WriteThroughError, current_write_version
+
+compat.install()  # old import paths (oqron_cache.keys, oqron_cache.tiers.redis, ...) still work
 
 __version__ = "0.1.0"
 

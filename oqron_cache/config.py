@@ -9,86 +9,30 @@ from __future__ import annotations
 
 import logging
 import os
-import re
-import ssl
 import threading
-import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
-from urllib.parse import parse_qs, urlsplit, urlunsplit
 
-from .durations import Duration, parse_duration
-from .errors import ConfigurationError
-from .keys import validate_namespace
-from .redis_urls import check_url
+from .celery.checks import check_celery_app
+from .core.durations import Duration, parse_duration
+from .core.keys import validate_namespace
+from .core.settings import Settings, mask_url
+from .redis.checks import is_tls_failure, validate_redis_url
+
+__all__ = [  # mask_url, Settings and the checks live lower down; importable from here too
+    "Settings",
+    "check_celery_app",
+    "configure",
+    "current_runtime",
+    "forget_after_fork",
+    "inherited",
+    "is_tls_failure",
+    "mask_url",
+    "reset",
+    "validate_redis_url",
+]
 
 log = logging.getLogger("oqron_cache")
-
-_SCHEMES = ("redis", "rediss", "unix")
-
-
-def mask_url(url: str) -> str:
-    """``url`` with any password replaced by ``***`` (for logs, errors and ``repr``)."""
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return "<unparsable url>"
-    netloc = parts.netloc
-    if parts.password is not None:
-        # Keep the host part exactly as written (IPv6 brackets, port).
-        netloc = f"{parts.username or ''}:***@{netloc.rpartition('@')[2]}"
-    query = re.sub(r"(?i)((?:^|&)(?:sentinel_)?password=)[^&]*", r"\1***", parts.query)
-    if netloc == parts.netloc and query == parts.query:
-        return url
-    return urlunsplit(parts._replace(netloc=netloc, query=query))
-
-
-def validate_redis_url(url: object) -> str:
-    """Return ``url`` if it is a usable Redis URL; raise :class:`ConfigurationError` otherwise."""
-    if not isinstance(url, str):
-        raise TypeError(f"redis_url must be a str; got {type(url).__name__}")
-    parts = urlsplit(url)
-    if not parts.scheme:
-        raise ConfigurationError(
-            f"redis_url {mask_url(url)!r} has no scheme; "
-            "use redis://host:port/db or rediss:// for TLS"
-        )
-    if parts.scheme in ("redis+sentinel", "rediss+sentinel", "redis+cluster", "rediss+cluster"):
-        check_url(url)
-        return url
-    if parts.scheme not in _SCHEMES:
-        raise ConfigurationError(
-            f"redis_url scheme {parts.scheme!r} is not a Redis scheme; "
-            "use redis://, rediss://, unix://, redis+sentinel:// or redis+cluster://"
-        )
-    if parts.scheme == "rediss":
-        reqs = parse_qs(parts.query).get("ssl_cert_reqs", [""])[0].lower()
-        if reqs in ("none", "cert_none"):
-            warnings.warn(
-                f"redis_url {mask_url(url)!r} turns TLS certificate verification off "
-                "(ssl_cert_reqs=none): anyone on the path can impersonate Redis",
-                stacklevel=3,
-            )
-    return url
-
-
-@dataclass(frozen=True)
-class Settings:
-    """What ``configure()`` was given, validated."""
-
-    redis_url: str | None
-    namespace: str
-    celery_app: Any
-    op_timeout: float
-    connect_timeout: float
-    clock: Callable[[], float] | None
-    enqueue_budget: float = 1.0
-
-    def __repr__(self) -> str:
-        url = mask_url(self.redis_url) if self.redis_url else None
-        return f"Settings(redis_url={url!r}, namespace={self.namespace!r})"
-
 
 _lock = threading.Lock()
 _runtime: Any = None  # the current Runtime (set by configure)
@@ -156,23 +100,9 @@ def configure(
     return settings
 
 
-def reinit_after_fork() -> None:
-    """Give a forked child its own connections and threads now, rather than on first use.
-
-    Called from Celery's ``worker_process_init`` (connected by the library). In a child of
-    ``os.fork()`` the at-fork hook (:mod:`oqron_cache.fork`) has already dropped the parent's
-    runtime; this builds the child's own (same settings) and waits for its bus subscription.
-    Calling it again changes nothing. In a child forked without Python's at-fork hooks (uWSGI
-    without ``py-call-uwsgi-fork-hooks``), it first does what the hook would have done: best
-    effort, since such a child also missed CPython's own after-fork repairs.
-    """
-    from .fork import after_fork_in_child
-
-    runtime = _runtime
-    if runtime is not None and runtime.pid != os.getpid():
-        after_fork_in_child()  # forked from C: no at-fork hook ran
-    if _inherited is not None:
-        current_runtime()
+def inherited() -> Settings | None:
+    """In a forked child before its first use: the parent's settings the child will run on."""
+    return _inherited
 
 
 def forget_after_fork() -> Any:
@@ -191,39 +121,10 @@ def forget_after_fork() -> Any:
 
 
 def _unbind_all() -> None:
-    from . import registry
+    from .engine import registry
 
     for cache in registry.all_caches():
         cache.unbind()
-
-
-def check_celery_app(app: Any) -> None:
-    """Refuse a Celery app that would accept or send pickle (remote code execution)."""
-    conf = getattr(app, "conf", None)
-    if conf is None:
-        raise TypeError(f"celery_app must be a celery.Celery; got {type(app).__name__}")
-    for setting in ("task_serializer", "result_serializer"):
-        if _is_pickle(conf.get(setting, "json")):
-            raise ConfigurationError(f"pickle is not allowed; use json (celery {setting})")
-    for setting in ("accept_content", "result_accept_content"):
-        accepted = conf.get(setting) or []
-        if any(_is_pickle(item) for item in accepted):
-            raise ConfigurationError(f"pickle is not allowed; use json (celery {setting})")
-    broker = str(conf.get("broker_url") or "")
-    scheme = broker.partition("://")[0] if "://" in broker else ""
-    if scheme in ("redis+sentinel", "rediss+sentinel", "redis+cluster", "rediss+cluster"):
-        # kombu reads "redis+x://..." as transport "redis" with no host: localhost:6379.
-        raise ConfigurationError(
-            f"celery broker_url {scheme}:// is this library's URL form, not kombu's: kombu "
-            "would queue on localhost:6379; give Celery oqron_cache.clients.celery_broker(url) "
-            "(a sentinel:// URL and its broker_transport_options)"
-        )
-
-
-def _is_pickle(content_type: object) -> bool:
-    # kombu registers pickle both as "pickle" and as its content type.
-    text = str(content_type).lower()
-    return "pickle" in text or "x-python-serialize" in text
 
 
 def current_runtime(create: bool = True) -> Any:
@@ -262,13 +163,3 @@ def reset() -> None:
     _unbind_all()
     if old is not None:
         old.close()
-
-
-def is_tls_failure(exc: BaseException) -> bool:
-    """True if ``exc`` (or its cause chain) is a TLS certificate/handshake failure."""
-    seen: BaseException | None = exc
-    while seen is not None:
-        if isinstance(seen, ssl.SSLError) or "SSL" in str(seen) or "certificate" in str(seen):
-            return True
-        seen = seen.__cause__ or seen.__context__
-    return False

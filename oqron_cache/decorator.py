@@ -13,10 +13,10 @@ import inspect
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Generic, ParamSpec, Protocol, TypeVar, cast, overload
 
-from .durations import Duration, parse_duration
+from .core.durations import Duration, parse_duration
+from .core.keys import decode_call, encode_call_ex
+from .core.options import MemoryTier, MissPolicy, RedisTier, Stampede, Strategy, TagsFunc
 from .frontend import Cache, cache
-from .keys import decode_call, encode_call_ex
-from .options import MemoryTier, MissPolicy, RedisTier, Stampede, Strategy, TagsFunc
 
 P = ParamSpec("P")
 R = TypeVar("R")

@@ -29,19 +29,20 @@ import os
 import sys
 from typing import Any
 
-from . import config, registry
+from . import config
+from .engine import registry
 
-__all__ = ["after_fork_in_child"]
+__all__ = ["after_fork_in_child", "reinit_after_fork"]
 
 
 def after_fork_in_child() -> None:
     """Make this freshly forked process independent of its parent (see the module docstring).
 
     Called by ``os.register_at_fork`` in every child of ``os.fork()``, and by
-    :func:`oqron_cache.config.reinit_after_fork` in a child forked without Python's hooks.
+    :func:`reinit_after_fork` in a child forked without Python's hooks.
     """
     old = config.forget_after_fork()
-    settings = old.settings if old is not None else config._inherited
+    settings = old.settings if old is not None else config.inherited()
     if old is not None:
         old.abandon()
     if settings is not None and settings.celery_app is not None:
@@ -62,6 +63,23 @@ def _forget_broker_pools(app: Any) -> None:
     if pools is not None:
         pools.connections.clear()
         pools.producers.clear()
+
+
+def reinit_after_fork() -> None:
+    """Give a forked child its own connections and threads now, rather than on first use.
+
+    Optional: a Celery prefork child, or any child of ``os.fork()``, gets its own runtime on
+    first use anyway. In such a child the at-fork hook has already dropped the parent's
+    runtime; this builds the child's own (same settings) and waits for its bus subscription.
+    Calling it again changes nothing. In a child forked without Python's at-fork hooks (uWSGI
+    without ``py-call-uwsgi-fork-hooks``), it first does what the hook would have done: best
+    effort, since such a child also missed CPython's own after-fork repairs.
+    """
+    runtime = config.current_runtime(create=False)
+    if runtime is not None and runtime.pid != os.getpid():
+        after_fork_in_child()  # forked from C: no at-fork hook ran
+    if config.inherited() is not None:
+        config.current_runtime()
 
 
 _registered = False

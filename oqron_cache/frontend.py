@@ -5,16 +5,17 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
-from . import registry
+from .celery.write_through import WriteHandle
+from .celery.write_through import start as start_write
 from .config import current_runtime
-from .durations import Duration, parse_duration, positive_int
-from .errors import ConfigurationError, InvalidKeyError
-from .invalidation import invalidate_pattern, invalidate_tag
-from .keys import Glob, validate_cache_name
-from .metrics import Stats
-from .options import (
+from .core.codecs import get_codec
+from .core.durations import Duration, parse_duration, positive_int
+from .core.errors import ConfigurationError, InvalidKeyError
+from .core.keys import Glob, matches_everything, validate_cache_name
+from .core.metrics import Stats
+from .core.options import (
     CacheOptions,
     MemoryTier,
     MissPolicy,
@@ -25,11 +26,13 @@ from .options import (
     resolve_tiers,
     stampede_from_dict,
 )
-from .serializers import get_codec
-from .stack import MAX_TAG_BYTES, CacheStack
-from .tiers.redis import L2Unavailable
-from .write_through import WriteHandle
-from .write_through import start as start_write
+from .engine import registry
+from .engine.invalidation import invalidate_pattern, invalidate_tag
+from .engine.stack import MAX_TAG_BYTES, CacheStack
+from .redis.store import L2Unavailable
+
+if TYPE_CHECKING:
+    from .runtime import Runtime
 
 log = logging.getLogger("oqron_cache")
 
@@ -47,11 +50,6 @@ def _bounded(value: int, name: str, limit: int) -> int:
     if value > limit:
         raise ConfigurationError(f"{name} must be <= {limit}; got {value}")
     return value
-
-
-def _matches_everything(pattern: str) -> bool:
-    # "*", "**", "?*", "*?*": every non-empty key matches (keys are never empty).
-    return set(pattern) <= {"*", "?"} and "*" in pattern and pattern.count("?") <= 1
 
 
 class Cache:
@@ -139,7 +137,7 @@ class Cache:
         """
         if not isinstance(pattern, str):
             raise TypeError(f"pattern must be a str; got {type(pattern).__name__}")
-        if not pattern or (_matches_everything(pattern) and not allow_all):
+        if not pattern or (matches_everything(pattern) and not allow_all):
             raise ConfigurationError(
                 f"invalidate_pattern({pattern!r}) would drop the whole cache {self.name!r}; "
                 "pass allow_all=True if that is what you mean"
@@ -170,7 +168,8 @@ class Cache:
         a cache without Redis, or Redis being unreachable (then ``"scope"`` says ``"local"``).
         """
         stack = self._stack
-        runtime = stack.runtime if stack is not None else None
+        # The stack's parts are the Runtime that bound it (the engine names them by protocol).
+        runtime = cast("Runtime | None", stack.runtime if stack is not None else None)
         recovery = runtime.recovery if runtime is not None else None
         pending = {"writes_pending": recovery.count(self.name) if recovery is not None else 0}
         if not local and stack is not None and stack.l2 is not None:

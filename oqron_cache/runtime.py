@@ -19,21 +19,22 @@ import redis
 from redis.exceptions import AuthenticationError, ResponseError
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-from .breaker import CircuitBreaker
-from .bus import Bus
-from .clients import connect
-from .config import Settings, is_tls_failure, mask_url
-from .errors import ConfigurationError, NotConfiguredError
-from .flood import ADMIT, PAUSE_NOW, FloodGuard
-from .keys import KeySpace, bus_channel
-from .recovery import Recovery
-from .refresh import Dispatcher
-from .serializers import get_codec
-from .stack import CacheStack
-from .stats_sync import StatsSync
-from .tasks import Enqueuer, check_timings, install
-from .tiers.memory import MemoryStore
-from .tiers.redis import RedisConn, RedisStore
+from .celery.tasks import Enqueuer, check_timings, install
+from .core.breaker import CircuitBreaker
+from .core.codecs import get_codec
+from .core.errors import ConfigurationError, NotConfiguredError
+from .core.flood import ADMIT, PAUSE_NOW, FloodGuard
+from .core.keys import KeySpace, bus_channel
+from .core.settings import Settings, mask_url
+from .engine.l1 import MemoryStore
+from .engine.recovery import Recovery
+from .engine.refresh import Dispatcher
+from .engine.stack import CacheStack
+from .engine.stats_sync import StatsSync
+from .redis.bus import Bus
+from .redis.checks import is_tls_failure
+from .redis.clients import connect
+from .redis.store import RedisConn, RedisStore
 
 if TYPE_CHECKING:
     from .frontend import Cache
@@ -83,7 +84,9 @@ class Runtime:
             self.client = make_client(settings)
             self.conn = RedisConn(self.client, CircuitBreaker())
             self.recovery = Recovery()
-            self.stats_sync = StatsSync(self)
+            self.stats_sync = StatsSync(
+                self.conn, settings.namespace, lambda: list(self.stacks.values())
+            )
             # The bus has its own client without retries: a dropped subscription must surface
             # as an error here (and flush L1), not be silently re-established by redis-py.
             self.bus = Bus(

@@ -26,10 +26,11 @@ import pytest
 import redis
 
 import oqron_cache
-from oqron_cache import admin, tasks
+from oqron_cache.admin import commands as admin
+from oqron_cache.celery import tasks
 from oqron_cache.config import current_runtime
-from oqron_cache.entry import Entry, pack, unpack
-from oqron_cache.keys import KeySpace, stats_key
+from oqron_cache.core.entry import Entry, pack, unpack
+from oqron_cache.core.keys import KeySpace, stats_key
 from tests.redis_server import RedisServer, delete_namespace
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -579,7 +580,8 @@ def test_invalidate_does_not_touch_this_process_configuration(
     code, _, _ = run("invalidate", users.name, "--key", "k", *conn(redis_url, configured))
     assert code == 0
     assert current_runtime() is runtime
-    assert oqron_cache.registry.lookup(users.name) is users  # the stand-in never registers
+    registered: Any = oqron_cache.engine.registry.lookup(users.name)
+    assert registered is users  # the stand-in never registers
     users.set("k", 2)
     assert users.get("k") == 2
 

@@ -32,8 +32,8 @@ from oqron_cache import (
     refreshing_cache,
 )
 from oqron_cache.config import mask_url, reset, validate_redis_url
-from oqron_cache.entry import unpack
-from oqron_cache.keys import printable
+from oqron_cache.core.entry import unpack
+from oqron_cache.core.keys import printable
 from tests.conftest import Closing, T
 
 # ---------------------------------------------------------------------------------------------
@@ -78,7 +78,7 @@ def l2_keys(client: redis.Redis, namespace: str) -> list[str]:
 
 
 def assert_not_registered(name_part: str) -> None:
-    assert not [n for n in oqron_cache.registry.names() if name_part in n]
+    assert not [n for n in oqron_cache.engine.registry.names() if name_part in n]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -708,11 +708,11 @@ def test_row14_bad_durations_are_typed_errors_naming_the_parameter(
 ) -> None:
     monkeypatch.delenv("OQRON_REDIS_URL", raising=False)
     build, param = DURATION_SITES[site]
-    before = set(oqron_cache.registry.names())
+    before = set(oqron_cache.engine.registry.names())
     with pytest.raises(error) as info:
         build(value)
     assert names(param, str(info.value)), str(info.value)
-    assert set(oqron_cache.registry.names()) == before  # nothing half-declared
+    assert set(oqron_cache.engine.registry.names()) == before  # nothing half-declared
 
 
 @pytest.mark.parametrize("value", [-1, float("nan"), "60", True], ids=repr)
@@ -763,11 +763,11 @@ def test_row14_good_durations(value: Any, seconds: float) -> None:
 )
 def test_row14_absurdly_long_durations_are_refused(build: Any, param: str) -> None:
     # Redis cannot hold a PX this large: accepting it would make every L2 write fail silently.
-    before = set(oqron_cache.registry.names())
+    before = set(oqron_cache.engine.registry.names())
     with pytest.raises(ValueError) as info:
         build()
     assert names(param, str(info.value)), str(info.value)
-    assert set(oqron_cache.registry.names()) == before
+    assert set(oqron_cache.engine.registry.names()) == before
 
 
 def test_row14_long_but_sane_ttl_reaches_redis(
@@ -827,10 +827,10 @@ MAX_SIZE_SITES: dict[str, Callable[[Any], Any]] = {
     ids=repr,
 )
 def test_row15_bad_max_size(site: str, value: Any, error: type) -> None:
-    before = set(oqron_cache.registry.names())
+    before = set(oqron_cache.engine.registry.names())
     with pytest.raises(error, match="max_size"):
         MAX_SIZE_SITES[site](value)
-    assert set(oqron_cache.registry.names()) == before
+    assert set(oqron_cache.engine.registry.names()) == before
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1217,4 +1217,4 @@ def test_row25_vary_on_and_key_must_be_callable(param: str) -> None:
         with pytest.raises(TypeError, match=param):
             refreshing_cache(ttl="1m", name=name, **not_callable)(lambda x: x)
     finally:
-        oqron_cache.registry.unregister(name)
+        oqron_cache.engine.registry.unregister(name)

@@ -19,9 +19,9 @@ import pytest
 import redis
 
 from oqron_cache import MemoryTier, RedisTier
-from oqron_cache.bus import Bus, decode_message, encode_message
 from oqron_cache.config import current_runtime
-from oqron_cache.keys import bus_channel
+from oqron_cache.core.keys import bus_channel
+from oqron_cache.redis.bus import Bus, decode_message, encode_message
 
 BAD_PATTERNS = [["[abc"], ["x["], ["[z-a]"], ["[^]"], ["*1", "[abc"]]
 

@@ -11,14 +11,14 @@ import pytest
 from celery import Celery
 
 import oqron_cache
-from oqron_cache.config import reset
-from oqron_cache.tasks import (
+from oqron_cache.celery.tasks import (
     REFRESH_QUEUE,
     REFRESH_TASK,
     install,
     refresh_task_id,
     refresh_task_prefix,
 )
+from oqron_cache.config import reset
 from tests.redis_server import RedisServer
 
 

@@ -23,11 +23,11 @@ from redis.cluster import RedisCluster
 
 import oqron_cache
 from oqron_cache import testing
-from oqron_cache.clients import celery_broker, connect, parse_cluster_url
 from oqron_cache.config import mask_url, reset, validate_redis_url
-from oqron_cache.entry import unpack
-from oqron_cache.errors import ConfigurationError
-from oqron_cache.keys import glob_literal
+from oqron_cache.core.entry import unpack
+from oqron_cache.core.errors import ConfigurationError
+from oqron_cache.core.keys import glob_literal
+from oqron_cache.redis.clients import celery_broker, connect, parse_cluster_url
 from tests.procs import ROOT
 from tests.redis_server import RedisServer, free_port
 from tests.worker_process import WorkerProcess, web_app

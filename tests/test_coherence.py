@@ -17,8 +17,8 @@ import redis
 
 import oqron_cache
 from oqron_cache import MemoryTier, RedisTier
-from oqron_cache.bus import MAX_KEYS_PER_MESSAGE, MAX_MESSAGE_BYTES, encode_message
 from oqron_cache.config import current_runtime, reset
+from oqron_cache.redis.bus import MAX_KEYS_PER_MESSAGE, MAX_MESSAGE_BYTES, encode_message
 from tests.procs import Child, worker_args
 from tests.redis_server import RedisServer
 

@@ -17,14 +17,14 @@ import pytest
 import redis
 
 import oqron_cache.testing
-from oqron_cache.breaker import CircuitBreaker
 from oqron_cache.config import Settings, current_runtime, reset
-from oqron_cache.keys import KeySpace, bus_channel
+from oqron_cache.core.breaker import CircuitBreaker
+from oqron_cache.core.keys import KeySpace, bus_channel
+from oqron_cache.engine.l1 import MemoryStore
+from oqron_cache.engine.tiers import L1Store, L2Store
+from oqron_cache.redis.store import RedisConn, RedisStore
 from oqron_cache.runtime import make_client
 from oqron_cache.testing import FakeClock, L1StoreContract, L2StoreContract, wait_for_refreshes
-from oqron_cache.tiers.base import L1Store, L2Store
-from oqron_cache.tiers.memory import MemoryStore
-from oqron_cache.tiers.redis import RedisConn, RedisStore
 
 # ---------------------------------------------------------------------------------------------
 # the conformance suites

@@ -19,8 +19,8 @@ import redis
 import oqron_cache
 from oqron_cache import MemoryTier, RedisTier, Stampede, refreshing_cache
 from oqron_cache.config import current_runtime, reset
-from oqron_cache.entry import Entry, new_version, pack, unpack
-from oqron_cache.errors import NotConfiguredError
+from oqron_cache.core.entry import Entry, new_version, pack, unpack
+from oqron_cache.core.errors import NotConfiguredError
 from tests.conftest import Closing, FakeClock, T
 
 # ---------------------------------------------------------------------------------------------

@@ -23,9 +23,9 @@ import pytest
 
 import oqron_cache
 import oqron_cache.config
-from oqron_cache import demo_celery
-from oqron_cache.cli import main
-from oqron_cache.demo import DemoOptions, run_demo
+from oqron_cache.admin.cli import main
+from oqron_cache.demo import worker as demo_celery
+from oqron_cache.demo.run import DemoOptions, run_demo
 from tests.conftest import FakeClock
 from tests.redis_server import RedisServer
 
@@ -185,7 +185,7 @@ def test_demo_with_an_external_worker_deletes_only_its_own_keys(
     private_redis: RedisServer, tmp_path: Path
 ) -> None:
     # docker compose's way: a worker already runs (celery -A workers worker, serving
-    # oqron_cache.demo_caches) in a shared namespace; the demo uses it and must not touch the
+    # oqron_cache.demo.caches) in a shared namespace; the demo uses it and must not touch the
     # namespace's other keys when it cleans up.
     client = private_redis.client()
     client.set("oqron:demo:{users:u1}:v", b"someone else's entry")
@@ -194,7 +194,7 @@ def test_demo_with_an_external_worker_deletes_only_its_own_keys(
     env.update(
         OQRON_REDIS_URL=private_redis.url,
         OQRON_NAMESPACE="demo",
-        OQRON_CACHE_MODULES="oqron_cache.demo_caches",
+        OQRON_CACHE_MODULES="oqron_cache.demo.caches",
         PYTHONPATH=str(ROOT),
     )
     with (tmp_path / "worker.log").open("wb") as log:

@@ -23,8 +23,8 @@ from kombu.connection import Connection
 
 import oqron_cache
 from oqron_cache import MemoryTier, RedisTier, WriteThroughError
+from oqron_cache.celery.write_through import WRITE_QUEUE
 from oqron_cache.config import reset
-from oqron_cache.write_through import WRITE_QUEUE
 from tests.stall_proxy import StallProxy
 
 RABBIT = ("127.0.0.1", 5672)

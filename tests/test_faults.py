@@ -24,7 +24,7 @@ import pytest
 import oqron_cache
 from oqron_cache import ConfigurationError, MemoryTier, RedisTier, Stampede
 from oqron_cache.config import current_runtime, reset
-from oqron_cache.entry import FORMAT
+from oqron_cache.core.entry import FORMAT
 from tests.redis_server import RedisServer, free_port
 
 OP_TIMEOUT = 0.1

@@ -34,8 +34,8 @@ from celery import Celery
 from celery.signals import before_task_publish
 
 import oqron_cache
+from oqron_cache.celery.tasks import REFRESH_QUEUE, REFRESH_TASK, refresh_task_prefix
 from oqron_cache.config import current_runtime, reset
-from oqron_cache.tasks import REFRESH_QUEUE, REFRESH_TASK, refresh_task_prefix
 from tests.redis_server import RedisServer, free_port
 
 ROOT = Path(__file__).resolve().parent.parent

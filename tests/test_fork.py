@@ -22,8 +22,9 @@ import pytest
 from celery import Celery
 
 import oqron_cache
-from oqron_cache.config import current_runtime, reinit_after_fork
-from oqron_cache.metrics import COUNTERS
+from oqron_cache.config import current_runtime
+from oqron_cache.core.metrics import COUNTERS
+from oqron_cache.fork import reinit_after_fork
 from oqron_cache.testing import FakeClock, wait_for_refreshes
 from tests.procs.forking import Channel, Forked, Origin
 
@@ -259,7 +260,8 @@ def test_a_thread_holding_a_lock_at_fork_does_not_block_the_child(
 ) -> None:
     c = make_cache(ttl="60s", resolver=Origin(redis_url, configured))
     c.get("k")
-    from oqron_cache import config, registry
+    from oqron_cache import config
+    from oqron_cache.engine import registry
 
     held, release = threading.Event(), threading.Event()
 

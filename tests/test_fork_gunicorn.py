@@ -14,8 +14,8 @@ from typing import Any
 import pytest
 import redis
 
-from oqron_cache.keys import stats_key
-from oqron_cache.metrics import COUNTERS, view
+from oqron_cache.core.keys import stats_key
+from oqron_cache.core.metrics import COUNTERS, view
 from tests.procs.forking import Gunicorn, Origin
 from tests.test_fork import wait_until
 

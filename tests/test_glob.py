@@ -25,8 +25,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from oqron_cache.errors import ConfigurationError
-from oqron_cache.keys import Glob, KeySpace, escape
+from oqron_cache.core.errors import ConfigurationError
+from oqron_cache.core.keys import Glob, KeySpace, escape
 
 # Examples per property; OQRON_GLOB_EXAMPLES=100000 for a longer run on demand.
 EXAMPLES = int(os.environ.get("OQRON_GLOB_EXAMPLES", "400"))

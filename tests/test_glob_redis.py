@@ -22,9 +22,9 @@ import pytest
 import redis
 
 from oqron_cache import MemoryTier, RedisTier
-from oqron_cache.bus import encode_message
-from oqron_cache.keys import bus_channel
-from oqron_cache.task_bodies import do_invalidate_pattern
+from oqron_cache.celery.bodies import do_invalidate_pattern
+from oqron_cache.core.keys import bus_channel
+from oqron_cache.redis.bus import encode_message
 from tests.procs import ROOT, Child
 from tests.procs.inval_child import declare, make_resolver
 from tests.test_glob import deadline

@@ -21,9 +21,9 @@ import pytest
 import redis
 
 import oqron_cache
-from oqron_cache import registry
 from oqron_cache.config import reset
-from oqron_cache.entry import unpack
+from oqron_cache.core.entry import unpack
+from oqron_cache.engine import registry
 from tests.procs import ROOT, Child
 from tests.procs.inval_child import control_key, declare, make_resolver
 from tests.redis_server import RedisServer
@@ -99,7 +99,7 @@ def name() -> Iterator[str]:
     cache_name = f"inv-{uuid.uuid4().hex[:8]}"
     yield cache_name
     if cache_name in registry.names():
-        registry.lookup(cache_name).close()
+        cast("oqron_cache.Cache", registry.lookup(cache_name)).close()
 
 
 def publish_times(cache: oqron_cache.Cache) -> list[float]:

@@ -14,8 +14,9 @@ from typing import Any
 
 import pytest
 
-from oqron_cache.breaker import CLOSED, HALF_OPEN, OPEN, CircuitBreaker
-from oqron_cache.entry import (
+from oqron_cache.core.breaker import CLOSED, HALF_OPEN, OPEN, CircuitBreaker
+from oqron_cache.core.codecs import JsonCodec, MsgpackCodec, get_codec
+from oqron_cache.core.entry import (
     FORMAT,
     HEADER_SIZE,
     NO_VERSION,
@@ -27,8 +28,8 @@ from oqron_cache.entry import (
     pack,
     unpack,
 )
-from oqron_cache.errors import ConfigurationError, InvalidKeyError, SerializationError
-from oqron_cache.keys import (
+from oqron_cache.core.errors import ConfigurationError, InvalidKeyError, SerializationError
+from oqron_cache.core.keys import (
     Glob,
     KeySpace,
     bus_channel,
@@ -44,7 +45,6 @@ from oqron_cache.keys import (
     validate_cache_name,
     validate_namespace,
 )
-from oqron_cache.serializers import JsonCodec, MsgpackCodec, get_codec
 
 # ---------------------------------------------------------------------------------------------
 # encode_call / decode_call

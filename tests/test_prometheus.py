@@ -7,7 +7,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, generate_latest
 
-from oqron_cache.prometheus import CacheCollector
+from oqron_cache.admin.prometheus import CacheCollector
 
 
 def scrape(registry: CollectorRegistry) -> str:

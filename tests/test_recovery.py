@@ -20,8 +20,8 @@ import redis
 import oqron_cache
 from oqron_cache import MemoryTier, RedisTier, Stampede
 from oqron_cache.config import current_runtime, reset
-from oqron_cache.entry import Entry, new_version, pack, unpack
-from oqron_cache.recovery import Op, Recovery
+from oqron_cache.core.entry import Entry, new_version, pack, unpack
+from oqron_cache.engine.recovery import Op, Recovery
 from tests.conftest import FakeClock
 from tests.redis_server import RedisServer
 

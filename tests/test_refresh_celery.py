@@ -35,8 +35,7 @@ import pytest
 from celery import Celery, current_task
 
 import oqron_cache
-from oqron_cache.config import current_runtime, reset
-from oqron_cache.tasks import (
+from oqron_cache.celery.tasks import (
     INVALIDATE_PATTERN_TASK,
     INVALIDATE_TAG_TASK,
     INVALIDATE_TASK,
@@ -44,6 +43,7 @@ from oqron_cache.tasks import (
     REFRESH_TASK,
     refresh_task_id,
 )
+from oqron_cache.config import current_runtime, reset
 from tests.celery_fixtures import TaskLog, wait_for
 from tests.conftest import FakeClock
 from tests.redis_server import RedisServer
@@ -401,7 +401,7 @@ def test_write_racing_an_inflight_refresh_wins(
 def test_failing_resolver_keeps_stale_served_and_throttles_by_the_lock(
     celery_worker: Any, tasks: TaskLog, origin: Origin, make_cache: Any, clock: FakeClock
 ) -> None:
-    from oqron_cache.refresh import plan_refresh
+    from oqron_cache.engine.refresh import plan_refresh
 
     cache = make_cache(
         ttl="60s",
@@ -625,7 +625,7 @@ def test_early_refresh_renews_a_hot_key_before_it_goes_stale(
     clock: FakeClock,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from oqron_cache import stack as stack_module
+    from oqron_cache.engine import stack as stack_module
 
     draw = [0.5]
     monkeypatch.setattr(stack_module, "random", SimpleNamespace(random=lambda: draw[0]))

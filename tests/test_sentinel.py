@@ -23,9 +23,9 @@ import redis
 
 import oqron_cache
 from oqron_cache import MemoryTier, RedisTier
-from oqron_cache.clients import SentinelTarget, celery_broker, parse_sentinel_url
 from oqron_cache.config import current_runtime, mask_url, validate_redis_url
-from oqron_cache.errors import ConfigurationError
+from oqron_cache.core.errors import ConfigurationError
+from oqron_cache.redis.clients import SentinelTarget, celery_broker, parse_sentinel_url
 from tests.redis_server import RedisServer, SentinelServer
 from tests.worker_process import WorkerProcess, web_app
 

@@ -20,7 +20,7 @@ import redis
 
 import oqron_cache
 from oqron_cache import MemoryTier, RedisTier, Stampede
-from oqron_cache.entry import unpack
+from oqron_cache.core.entry import unpack
 from tests.procs import Child, worker_args
 
 THREADS = 64

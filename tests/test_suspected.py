@@ -22,11 +22,11 @@ from typing import Any
 import redis
 
 from oqron_cache import MemoryTier, RedisTier, Stampede
-from oqron_cache.bus import encode_message
 from oqron_cache.config import current_runtime
-from oqron_cache.flood import BURST
-from oqron_cache.keys import bus_channel
-from oqron_cache.refresh import Dispatcher, plan_refresh
+from oqron_cache.core.flood import BURST
+from oqron_cache.core.keys import bus_channel
+from oqron_cache.engine.refresh import Dispatcher, plan_refresh
+from oqron_cache.redis.bus import encode_message
 from tests.conftest import FakeClock
 
 

@@ -20,8 +20,8 @@ import redis
 
 import oqron_cache
 from oqron_cache import MemoryTier, RedisTier
-from oqron_cache import invalidation as inv
 from oqron_cache.config import reset
+from oqron_cache.engine import invalidation as inv
 from tests.redis_server import RedisServer
 
 

@@ -32,11 +32,11 @@ from typing import Any, cast
 import pytest
 import redis
 
-from oqron_cache.entry import Entry, new_version, pack, unpack
-from oqron_cache.keys import KeySpace
-from oqron_cache.metrics import view
-from oqron_cache.serializers import get_codec
-from oqron_cache.tasks import refresh_task_prefix
+from oqron_cache.celery.tasks import refresh_task_prefix
+from oqron_cache.core.codecs import get_codec
+from oqron_cache.core.entry import Entry, new_version, pack, unpack
+from oqron_cache.core.keys import KeySpace
+from oqron_cache.core.metrics import view
 from tests.procs import ROOT, Child
 from tests.procs import refresh_caches as rc
 from tests.redis_server import RedisServer

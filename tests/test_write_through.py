@@ -36,11 +36,11 @@ from celery import Celery
 
 import oqron_cache
 from oqron_cache import MemoryTier, RedisTier
+from oqron_cache.celery.write_through import WriteThroughError, cache_link
 from oqron_cache.config import reset
-from oqron_cache.entry import new_version, unpack
-from oqron_cache.keys import KeySpace
-from oqron_cache.serializers import get_codec
-from oqron_cache.write_through import WriteThroughError, cache_link
+from oqron_cache.core.codecs import get_codec
+from oqron_cache.core.entry import new_version, unpack
+from oqron_cache.core.keys import KeySpace
 from tests.procs import ROOT
 from tests.procs import wt_caches as wt
 from tests.redis_server import delete_namespace

@@ -30,8 +30,8 @@ from typing import Any
 from celery import Celery
 
 import oqron_cache
-from oqron_cache.clients import celery_broker, is_cluster_url
-from oqron_cache.errors import ConfigurationError
+from oqron_cache.core.errors import ConfigurationError
+from oqron_cache.redis.clients import celery_broker, is_cluster_url
 
 redis_url = os.environ.get("OQRON_REDIS_URL", "redis://127.0.0.1:6379/0")
 _transport: dict[str, Any]

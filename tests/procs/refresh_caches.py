@@ -34,7 +34,7 @@ import redis
 
 import oqron_cache
 from oqron_cache import MemoryTier, RedisTier, Stampede
-from oqron_cache.clients import connect
+from oqron_cache.redis.clients import connect
 
 SWR = "wt_swr"  # lock 5 s: the headline, broker faults, a set racing a refresh
 CRASH = "wt_crash"  # lock 2 s: a worker killed mid-refresh

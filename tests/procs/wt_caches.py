@@ -47,7 +47,7 @@ import redis
 
 import oqron_cache
 from oqron_cache import MemoryTier, RedisTier
-from oqron_cache.write_through import current_write_version
+from oqron_cache.celery.write_through import current_write_version
 
 MAIN = "wtc_main"  # every test of the chain
 BLOCK_LIMIT = 60.0

@@ -1,0 +1,304 @@
+"""L2: the shared Redis tier. One entry = one envelope string (see :mod:`oqron_cache.entry`).
+
+Every check-then-act is one Lua script touching one entry's keys only (its value and its lock,
+which share a Redis Cluster hash tag), so the same code runs on one server and on a Redis Cluster
+(``RedisConn.cluster``): there, keyless commands that must sit next to an entry (the clock read
+with it) are a script on the entry's keys instead of a pipeline, scans walk every primary, and
+scripts over many entries are pipelined per node. Every call goes through :meth:`RedisConn.run`,
+which applies the circuit breaker and turns infrastructure failures into :class:`L2Unavailable`,
+so the read path can degrade (promise P1) instead of raising.
+"""
+
+from __future__ import annotations
+
+import logging
+import struct
+import time
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar, cast
+
+import redis
+from redis.cluster import RedisCluster
+from redis.commands.core import Script
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisClusterException, RedisError, ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from ..core.breaker import CircuitBreaker
+from ..core.keys import KeySpace
+from . import scripts
+from .cluster import is_cluster_client
+
+log = logging.getLogger("oqron_cache.redis")
+T = TypeVar("T")
+LOG_EVERY = 10.0
+_TIMES = struct.Struct(">dd")  # fresh_until, stale_until (the touch script's ARGV[2])
+
+
+class L2Unavailable(Exception):
+    """Internal: L2 could not do what was asked (down, slow, OOM, read-only, circuit open)."""
+
+
+def _ms(seconds: float) -> int:
+    return max(1, int(seconds * 1000))
+
+
+class RedisConn:
+    """A redis-py client with a circuit breaker and the library's scripts registered once."""
+
+    def __init__(
+        self,
+        client: redis.Redis,
+        breaker: CircuitBreaker | None = None,
+        on_failure: Callable[[str], None] | None = None,
+    ) -> None:
+        self.client = client
+        self.cluster = is_cluster_client(client)
+        self.breaker = breaker or CircuitBreaker()
+        self._on_failure = on_failure
+        self._quiet_until: dict[str, float] = {}
+        self.fill_script = client.register_script(scripts.FILL)
+        self.put_script = client.register_script(scripts.PUT)
+        self.release_script = client.register_script(scripts.RELEASE)
+        self.extend_script = client.register_script(scripts.EXTEND)
+        self.touch_script = client.register_script(scripts.TOUCH)
+        self.tombstone_script = client.register_script(scripts.TOMBSTONE)
+        self.acquire_script = client.register_script(scripts.ACQUIRE_OR_READ)
+        self.index_script = client.register_script(scripts.INDEX)
+        self.record_script = client.register_script(scripts.RECORD)
+        self.drop_script = client.register_script(scripts.DROP_IF_VERSION)
+        self.put_if_newer_script = client.register_script(scripts.PUT_IF_NEWER)
+        self.write_if_newer_script = client.register_script(scripts.WRITE_IF_NEWER)
+        self.drop_tagged_script = client.register_script(scripts.DROP_IF_TAGGED)
+        self.unindex_script = client.register_script(scripts.UNINDEX)
+        self.origin_begin_script = client.register_script(scripts.ORIGIN_BEGIN)
+        self.origin_done_script = client.register_script(scripts.ORIGIN_DONE)
+        self.read_at_script = client.register_script(scripts.READ_AT)
+
+    def primaries(self) -> list[redis.Redis]:
+        """A client of each primary: the client itself on one server, one per cluster node."""
+        if not self.cluster:
+            return [self.client]
+        cluster = cast("RedisCluster", self.client)
+        return [cluster.get_redis_connection(node) for node in cluster.get_primaries()]  # type: ignore[no-untyped-call]
+
+    def run_each(self, script: Script, calls: list[tuple[list[str], list[Any]]]) -> list[Any]:
+        """``script`` once per ``(keys, args)``, pipelined; the replies in order.
+
+        Each call's keys must share a slot. On a cluster, the calls are grouped by the node
+        holding their slot and pipelined on it; a call that the node refuses (its slot moved
+        meanwhile) is run again alone through the cluster client, which follows redirections.
+        Call through :meth:`run`.
+        """
+        if not self.cluster:
+            pipe = self.client.pipeline(transaction=False)
+            for keys, args in calls:
+                script(keys=keys, args=args, client=pipe)
+            return pipe.execute()
+        cluster = cast("RedisCluster", self.client)
+        groups: dict[str, tuple[Any, list[int]]] = {}
+        for i, (keys, _args) in enumerate(calls):
+            node = cluster.get_node_from_key(keys[0])  # type: ignore[no-untyped-call]
+            groups.setdefault(node.name, (node, []))[1].append(i)
+        replies: list[Any] = [None] * len(calls)
+        for node, indexes in groups.values():
+            pipe = cluster.get_redis_connection(node).pipeline(transaction=False)
+            for i in indexes:
+                script(keys=calls[i][0], args=calls[i][1], client=pipe)
+            for i, reply in zip(indexes, pipe.execute(raise_on_error=False), strict=True):
+                if isinstance(reply, ResponseError):  # MOVED/ASK: the slot is elsewhere now
+                    replies[i] = script(keys=calls[i][0], args=calls[i][1])
+                elif isinstance(reply, Exception):
+                    raise reply
+                else:
+                    replies[i] = reply
+        return replies
+
+    def run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """Call ``fn`` through the breaker; raise :class:`L2Unavailable` on any Redis failure.
+
+        Connection errors and timeouts open the breaker. Error replies (OOM, READONLY, NOPERM)
+        do not: the server answered, reads still work.
+        """
+        if not self.breaker.allow():
+            raise L2Unavailable("circuit open")
+        try:
+            result = fn(*args, **kwargs)
+        except (RedisConnectionError, RedisTimeoutError, OSError, RedisClusterException) as exc:
+            # RedisClusterException: no node answers the layout query, or a slot has no node.
+            self.breaker.failure()
+            self._failed("unreachable", exc)
+            raise L2Unavailable(f"redis unreachable: {type(exc).__name__}") from exc
+        except ResponseError as exc:
+            self.breaker.success()
+            self._failed("refused", exc)
+            raise L2Unavailable(f"redis refused: {str(exc)[:80]}") from exc
+        except RedisError as exc:
+            self.breaker.failure()
+            self._failed("error", exc)
+            raise L2Unavailable(f"redis error: {type(exc).__name__}") from exc
+        self.breaker.success()
+        return result
+
+    def _failed(self, kind: str, exc: BaseException) -> None:
+        # At most one warning per kind every LOG_EVERY seconds: an outage must not flood logs.
+        now = time.monotonic()
+        if now >= self._quiet_until.get(kind, 0.0):
+            self._quiet_until[kind] = now + LOG_EVERY
+            log.warning("L2 %s: %s: %s", kind, type(exc).__name__, str(exc)[:200])
+        if self._on_failure is not None:
+            self._on_failure(kind)
+
+
+class RedisStore:
+    """The L2 operations of one cache: reads, versioned fills, puts, locks."""
+
+    def __init__(self, conn: RedisConn, keyspace: KeySpace, channel: str) -> None:
+        self.conn = conn
+        self.keys = keyspace
+        self.channel = channel
+
+    def read(self, key: str) -> bytes | None:
+        """The raw envelope of ``key``, or ``None`` if absent."""
+        raw = self.conn.run(self.conn.client.get, self.keys.value(key))
+        return cast("bytes | None", raw)
+
+    def read_at(self, key: str) -> tuple[bytes | None, int]:
+        """Redis's clock (µs), then the raw envelope of ``key``: one round trip (a pipeline)."""
+
+        if self.conn.cluster:  # TIME cannot be pipelined there: it names no slot
+            reply = self.conn.run(self.conn.read_at_script, keys=[self.keys.value(key)])
+            seconds, micros, found = cast("list[Any]", reply)
+            return found or None, int(seconds) * 1_000_000 + int(micros)
+
+        def both() -> list[Any]:
+            pipe = self.conn.client.pipeline(transaction=False)
+            pipe.time()
+            pipe.get(self.keys.value(key))
+            return pipe.execute()
+
+        (seconds, micros), raw = self.conn.run(both)
+        return cast("bytes | None", raw), int(seconds) * 1_000_000 + int(micros)
+
+    def acquire(self, key: str, token: str, ttl: float) -> bool:
+        """Try to take ``key``'s lock (``SET NX PX``); True if this caller now holds it."""
+        ok = self.conn.run(
+            self.conn.client.set, self.keys.lock(key), token, nx=True, px=max(1, int(ttl * 1000))
+        )
+        return bool(ok)
+
+    def acquire_or_read(
+        self, key: str, token: str, ttl: float
+    ) -> tuple[bool, bytes | None, int, float]:
+        """Try to take ``key``'s lock and read its envelope, in one round trip.
+
+        Also returns Redis's clock (µs): the instant a load that follows begins, comparable
+        with the instants invalidations are recorded at; and the seconds the lock is held for
+        (``ttl`` if taken, else what is left of the holder's).
+        """
+        keys = [self.keys.value(key), self.keys.lock(key)]
+        reply = self.conn.run(self.conn.acquire_script, keys=keys, args=[token, _ms(ttl)])
+        won, raw, now, left_ms = cast("list[Any]", reply)
+        left = int(left_ms) / 1000 if int(left_ms) > 0 else ttl  # -1: no TTL (not ours)
+        return bool(won), raw, int(now), left
+
+    def now_us(self) -> int:
+        """Redis's clock, in µs."""
+        seconds, micros = cast("tuple[int, int]", self.conn.run(self.conn.client.time))
+        return int(seconds) * 1_000_000 + int(micros)
+
+    def release(self, key: str, token: str) -> bool:
+        """Release ``key``'s lock if ``token`` still owns it."""
+        return bool(
+            self.conn.run(self.conn.release_script, keys=[self.keys.lock(key)], args=[token])
+        )
+
+    def hold(self, key: str, token: str, ttl: float) -> bool:
+        """Extend ``key``'s lock to ``ttl`` seconds if ``token`` still owns it."""
+        return bool(
+            self.conn.run(
+                self.conn.extend_script,
+                keys=[self.keys.lock(key)],
+                args=[token, max(1, int(ttl * 1000))],
+            )
+        )
+
+    def fill(
+        self,
+        key: str,
+        seen_version: bytes,
+        envelope: bytes,
+        ttl: float,
+        token: str,
+        message: bytes,
+        age: float = 0.0,
+        horizon: float = float("inf"),
+    ) -> tuple[int, int]:
+        """Write ``envelope`` if the entry's version is still ``seen_version``; announce; unlock.
+
+        ``age`` is how long ago the load read the entry (seconds); a load that found no entry
+        and is older than ``horizon`` (a tombstone's lifetime) is refused. Returns ``(1, now)``
+        if written, ``(0, now)`` if a newer version is there, ``(2, now)`` if too old, with
+        Redis's clock in µs.
+        """
+        keys = [self.keys.value(key), self.keys.lock(key)]
+        limit = 1 << 62 if horizon == float("inf") else _ms(horizon)
+        args = [
+            seen_version,
+            envelope,
+            _ms(ttl),
+            token,
+            self.channel,
+            message,
+            int(age * 1000),
+            limit,
+        ]
+        reply = self.conn.run(self.conn.fill_script, keys=keys, args=args)
+        written, now_us = cast("list[int]", reply)
+        return int(written), int(now_us)
+
+    def put(self, key: str, envelope: bytes, ttl: float, message: bytes) -> None:
+        """Write ``envelope`` unconditionally (a set or a tombstone) and announce it."""
+        args = [envelope, max(1, int(ttl * 1000)), self.channel, message]
+        self.conn.run(self.conn.put_script, keys=[self.keys.value(key)], args=args)
+
+    def scan(self, match: str, count: int) -> Iterator[bytes]:
+        """Keys matching ``match``, one SCAN page per call (each page through the breaker), on
+        every primary of a cluster in turn."""
+        for client in self.conn.run(self.conn.primaries):
+            cursor = 0
+            while True:
+                reply = self.conn.run(client.scan, cursor=cursor, match=match, count=count)
+                cursor, page = cast("tuple[int, list[bytes]]", reply)
+                yield from page
+                if cursor == 0:
+                    break
+
+    def unlink(self, keys: list[bytes]) -> int:
+        """UNLINK ``keys`` (one round trip; on a cluster, one per node); how many existed."""
+        if self.conn.cluster:  # one UNLINK per key, pipelined: keys of many slots cannot share one
+
+            def each() -> list[int]:
+                pipe = self.conn.client.pipeline(transaction=False)
+                for key in keys:
+                    pipe.unlink(key)
+                return cast("list[int]", pipe.execute())
+
+            return sum(self.conn.run(each))
+        return cast(int, self.conn.run(self.conn.client.unlink, *keys))
+
+    def publish(self, message: bytes) -> None:
+        """Send ``message`` on the bus channel."""
+        self.conn.run(self.conn.client.publish, self.channel, message)
+
+    def tombstone(self, key: str, envelope: bytes, ttl: float, message: bytes) -> None:
+        """Delete ``key``'s value, announce it, and leave ``envelope`` (a tombstone) behind."""
+        args = [envelope, max(1, int(ttl * 1000)), self.channel, message]
+        self.conn.run(self.conn.tombstone_script, keys=[self.keys.value(key)], args=args)
+
+    def touch(
+        self, key: str, version: bytes, fresh_until: float, stale_until: float, ttl: float
+    ) -> bool:
+        """Sliding strategy: move the entry's freshness forward if it is still ``version``."""
+        args = [version, _TIMES.pack(fresh_until, stale_until), max(1, int(ttl * 1000))]
+        return bool(self.conn.run(self.conn.touch_script, keys=[self.keys.value(key)], args=args))
