@@ -188,7 +188,7 @@ def check(events: Iterable[Event], bounds: Bounds, windows: Iterable[Window] = (
     durations: dict[str, list[float]] = defaultdict(list)
     for event in history:
         report.ops[event.op] += 1
-        if event.op in ("fault", "task_pub", "task_run", "task_revoked"):
+        if event.op in ("fault", "fork", "task_pub", "task_run", "task_revoked"):
             continue
         durations[event.op].append(event.duration)
         if event.op == "origin_read":
