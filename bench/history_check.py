@@ -110,6 +110,9 @@ class Report:
     served: int = 0
     latency: dict[str, tuple[float, float, float]] = field(default_factory=dict)
     max_staleness: float = 0.0
+    acknowledged: Counter[str] = field(default_factory=Counter)  # sets that returned, per cache
+    # sets that raised although their version reached the origin (``origin_write``), per cache
+    refused_but_written: Counter[str] = field(default_factory=Counter)
     resolver_runs: int = 0
     duplicates: int = 0
     stall_limit: float = 0.0
@@ -139,6 +142,8 @@ class Report:
             },
             "max_staleness": round(self.max_staleness, 3),
             "staleness_bound": self.bounds.staleness_bound,
+            "acknowledged": dict(self.acknowledged),
+            "refused_but_written": dict(self.refused_but_written),
             "resolver_runs": self.resolver_runs,
             "duplicates": self.duplicates,
             "stall_limit": round(self.stall_limit, 3),
@@ -186,6 +191,7 @@ def check(events: Iterable[Event], bounds: Bounds, windows: Iterable[Window] = (
     sets: dict[tuple[str, str, int], Event] = {}
     runs: dict[tuple[str, str], list[Event]] = defaultdict(list)
     durations: dict[str, list[float]] = defaultdict(list)
+    origin_writes = {(e.c, e.k, e.v) for e in history if e.op == "origin_write" and e.ok}
     for event in history:
         report.ops[event.op] += 1
         if event.op in ("fault", "fork", "task_pub", "task_run", "task_revoked"):
@@ -205,7 +211,10 @@ def check(events: Iterable[Event], bounds: Bounds, windows: Iterable[Window] = (
                 gets[(cache, event.k or "")].append(event)
         elif event.op == "set" and event.v is not None:
             sets[(cache, event.k or "", event.v)] = event
+            if not event.ok and (event.c, event.k, event.v) in origin_writes:
+                report.refused_but_written[cache] += 1
             if event.ok:
+                report.acknowledged[cache] += 1
                 due = _due(event, bounds, report.windows)
                 writes[(cache, event.k or "")].append(_Write(event, due, event.v))
         elif event.op in INVALIDATIONS and event.ok:

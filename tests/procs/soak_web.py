@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import fnmatch
 import itertools
+import logging
 import multiprocessing as mp
 import os
 import random
@@ -63,6 +64,7 @@ class Plan:
     settle: float = 1.0
     forks: tuple[int, ...] = ()  # the slots (indexes) of the children forked after first use
     progress: Any = None  # a multiprocessing Array of ints, one slot per process
+    log_path: str | None = None  # the library's log (default: stderr)
 
     @property
     def key_names(self) -> list[str]:
@@ -195,6 +197,12 @@ def _child(plan: Plan) -> None:
 
 def run(plan: Plan) -> None:
     """The whole life of one web process (and of the children it forks)."""
+    if plan.log_path:
+        logging.basicConfig(
+            filename=plan.log_path,
+            level=logging.WARNING,
+            format=f"%(asctime)s web-{plan.index} %(process)d %(levelname)s %(name)s %(message)s",
+        )
     app = celery_app(plan.broker_url) if plan.broker_url else None
     oqron_cache.configure(
         redis_url=plan.redis_url,
