@@ -24,9 +24,11 @@ operation that saw it and the operation that makes it a violation:
 ``duplicate_run``
     P4, only with ``Bounds.dedup``: a resolver run of a key overlapped another run of it.
 
-Faults (``fault`` events, or ``windows=``) extend when a write is due: a write that overlaps a
-fault window ``[a, b]`` is due at ``max(its end, b) + recovery_base + min(b - a, recovery_cap)``
-(the library notices Redis is back at its breaker's next probe, then replays what it deferred).
+Faults (``fault`` events, or ``windows=``) extend when a write is due. A fault window ``[a, b]``
+heals at ``h = b + recovery_base + min(b - a, recovery_cap)``: the library notices Redis is back
+at its breaker's next probe (the breaker's cooldown doubles while the fault lasts), then replays
+what it deferred. A write that begins before ``h`` and would be due after ``a`` is due at ``h``
+(or later, if it completes later). P3 dates a write-through value from its origin write.
 """
 
 from __future__ import annotations
@@ -191,7 +193,9 @@ def check(events: Iterable[Event], bounds: Bounds, windows: Iterable[Window] = (
     sets: dict[tuple[str, str, int], Event] = {}
     runs: dict[tuple[str, str], list[Event]] = defaultdict(list)
     durations: dict[str, list[float]] = defaultdict(list)
-    origin_writes = {(e.c, e.k, e.v) for e in history if e.op == "origin_write" and e.ok}
+    origin_writes = {
+        (e.c, e.k, e.v): e.t1 for e in history if e.op == "origin_write" and e.ok
+    }  # the latest origin write of each version
     for event in history:
         report.ops[event.op] += 1
         if event.op in ("fault", "fork", "task_pub", "task_run", "task_revoked"):
@@ -226,7 +230,7 @@ def check(events: Iterable[Event], bounds: Bounds, windows: Iterable[Window] = (
         op: (percentile(d, 0.5), percentile(d, 0.99), max(d)) for op, d in durations.items()
     }
     for (cache, key), key_gets in gets.items():
-        _check_gets(report, key_gets, writes.get((cache, key), []), sets)
+        _check_gets(report, key_gets, writes.get((cache, key), []), sets, origin_writes)
         _check_lost(report, key_gets, writes.get((cache, key), []), sets)
     _check_runs(report, runs)
     _check_stalls(report, gets, runs)
@@ -254,15 +258,13 @@ def _due(event: Event, bounds: Bounds, windows: Sequence[Window]) -> float:
     while changed:  # a window that the extended deadline reaches extends it again
         changed = False
         for window in windows:
-            if window.start <= due and window.end >= event.t0:
-                span = window.end - window.start
-                extended = (
-                    max(event.t1, window.end)
-                    + bounds.recovery_base
-                    + min(span, bounds.recovery_cap)
-                )
-                if extended > due:
-                    due, changed = extended, True
+            healed = (
+                window.end
+                + bounds.recovery_base
+                + min(window.end - window.start, bounds.recovery_cap)
+            )
+            if window.start <= due and event.t0 <= healed and healed > due:
+                due, changed = healed, True
     return due
 
 
@@ -305,6 +307,7 @@ def _check_gets(
     key_gets: list[Event],
     key_writes: list[_Write],
     sets: Mapping[tuple[str, str, int], Event],
+    origin_writes: Mapping[tuple[str | None, str | None, int | None], float],
 ) -> None:
     """P3 and P5 for every get of one key."""
     bounds = report.bounds
@@ -315,7 +318,11 @@ def _check_gets(
         if value is None:
             report.violations.append(Violation("bad_value", get, "not a versioned value"))
             continue
-        age = get.t0 - value[1]
+        # A write-through set's value is as old as its origin write (its cache step follows).
+        born = value[1]
+        if value[2].startswith("s:"):
+            born = max(born, origin_writes.get((get.c, get.k, get.v), born))
+        age = get.t0 - born
         report.max_staleness = max(report.max_staleness, age)
         if age > bounds.staleness_bound:
             report.violations.append(

@@ -60,8 +60,8 @@ class Config:
     workers: int = 2
     concurrency: int = 2
     keys: int = 16
-    ttl: float = 2.0
-    stale_ttl: float = 3.0
+    ttl: float = 4.0  # long enough that a dropped write stays visible past the recovery allowance
+    stale_ttl: float = 4.0
     lock_ttl: float = 2.0
     op_timeout: float = 0.25
     resolver_sleep: float = 0.02

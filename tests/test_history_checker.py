@@ -83,6 +83,16 @@ def test_a_value_older_than_ttl_plus_stale_ttl_plus_slack_is_a_violation() -> No
     assert check([get(10.0, 1, 7.0)], B).max_staleness == pytest.approx(3.0)
 
 
+def test_a_write_through_value_is_as_old_as_its_origin_write() -> None:
+    # Set at 10 (version taken), origin written at 12 by a delayed chain: 11.4 s old at 23.4.
+    written = ev("origin_write", 11.9, 12.0, v=1)
+    assert rules(written, sget(23.4, v=1, at=10.0, t1=23.401)) == {}
+    assert rules(written, sget(23.6, v=1, at=10.0, t1=23.601)) == {"staleness": 1}
+    assert rules(sget(23.4, v=1, at=10.0, t1=23.401)) == {"staleness": 1}
+    # A resolver that read that version from the origin later dates it from its read.
+    assert rules(written, get(23.6, v=1, vt=20.0)) == {}
+
+
 def test_a_get_without_a_versioned_value_is_reported() -> None:
     assert rules(ev("get", 1, 2)) == {"bad_value": 1}
 
@@ -157,6 +167,20 @@ def test_a_write_in_a_fault_window_is_due_after_the_window_and_the_recovery() ->
     window = (Window(4.0, 7.0),)  # due: 7 + recovery 1 + min(3, cap 5) = 11
     assert rules(write, get(10.9, v=1, vt=4.9), windows=window) == {}
     assert rules(write, get(11.1, v=1, vt=4.9), windows=window) == {
+        "stale_overwrite": 1,
+        "lost_write": 1,
+    }
+
+
+def test_a_write_after_the_window_but_before_it_healed_is_due_when_it_heals() -> None:
+    # The writer's breaker may still be open after the fault: its write is replayed later.
+    window = (Window(4.0, 5.0),)  # heals at 5 + 1 + 1 = 7
+    assert rules(put(6.0, 6.1, v=2), get(6.9, v=1, vt=3.0), windows=window) == {}
+    assert rules(put(6.0, 6.1, v=2), get(7.1, v=1, vt=3.0), windows=window) == {
+        "stale_overwrite": 1,
+        "lost_write": 1,
+    }
+    assert rules(put(7.5, 7.6, v=2), get(8.2, v=1, vt=3.0), windows=window) == {
         "stale_overwrite": 1,
         "lost_write": 1,
     }
