@@ -20,7 +20,9 @@ operation that saw it and the operation that makes it a violation:
     the key began, and none of them returned S's version or a newer one.
 ``stall``
     P2/P14: a get took longer than ``stall_calls * op_timeout + stall_slack`` plus the slowest
-    resolver run, not counting the resolver runs it did itself.
+    resolver run (not counting the resolver runs it did itself) and no other thread or process
+    was computing the key meanwhile: it waited out a lock that nobody holds. Waits for a holder
+    that is computing the key (bounded by ``lock_ttl``, P8) are counted in ``held_stalls``.
 ``duplicate_run``
     P4, only with ``Bounds.dedup``: a resolver run of a key overlapped another run of it.
 
@@ -119,7 +121,9 @@ class Report:
     duplicates: int = 0
     stall_limit: float = 0.0
     max_stall: float = 0.0
+    held_stalls: int = 0  # gets that waited past the limit for a holder computing the key
     tasks: dict[str, int] = field(default_factory=dict)
+    task_wait: tuple[float, float, float] = (0.0, 0.0, 0.0)  # publication to start: p50/p99/max
     windows: list[Window] = field(default_factory=list)
 
     def count(self, rule: str, cache: str | None = None) -> int:
@@ -150,7 +154,9 @@ class Report:
             "duplicates": self.duplicates,
             "stall_limit": round(self.stall_limit, 3),
             "max_stall": round(self.max_stall, 3),
+            "held_stalls": self.held_stalls,
             "tasks": dict(self.tasks),
+            "task_wait_ms": [round(x * 1000, 1) for x in self.task_wait],
             "windows": len(self.windows),
         }
 
@@ -451,26 +457,45 @@ def _check_stalls(
             report.max_stall = max(report.max_stall, waited)
             if waited <= report.stall_limit:
                 continue
-            during = sum(1 for r in runs.get(key, ()) if get.t0 <= r.t0 <= get.t1)
+            # Waiting for a holder that is computing the key (slow, or cut off from Redis since)
+            # is bounded by lock_ttl (P8). Waiting while nobody computes it is waiting out a
+            # lock nobody holds.
+            latest = get.t1 - report.stall_limit
+            holders = [
+                r
+                for r in runs.get(key, ())
+                if (r.p, r.th) != thread and r.t1 >= get.t0 - bounds.op_timeout and r.t0 <= latest
+            ]
+            if holders:
+                report.held_stalls += 1
+                continue
+            first = min((r.t0 for r in runs.get(key, ()) if r.t0 >= get.t0), default=None)
+            began = "none" if first is None else f"{first - get.t0:.3f}s after it began"
             report.violations.append(
                 Violation(
                     "stall",
                     get,
-                    f"waited {waited:.3f}s > {report.stall_limit:.3f}s; "
-                    f"{during} resolver run(s) of the key began meanwhile",
+                    f"waited {waited:.3f}s > {report.stall_limit:.3f}s while nobody computed the "
+                    f"key (a lock nobody holds?); the key's first resolver run: {began}",
                 )
             )
 
 
 def _count_tasks(report: Report, history: Sequence[Event]) -> None:
-    """Task messages published, started, revoked (expired) and lost (never started)."""
+    """Task messages published, started, revoked (expired) and lost (never started), and how
+    long each waited from its (first) publication to its (first) start."""
     published: Counter[str] = Counter()
     handled: Counter[str] = Counter()
+    sent: dict[str, float] = {}
+    waits: list[float] = []
     for event in history:
         task_id = str(event.x.get("id", ""))
         if event.op == "task_pub":
             published[task_id] += 1
+            sent.setdefault(task_id, event.t0)
         elif event.op in ("task_run", "task_revoked"):
+            if event.op == "task_run" and not handled[task_id] and task_id in sent:
+                waits.append(event.t0 - sent[task_id])
             handled[task_id] += 1
     report.tasks = {
         "published": sum(published.values()),
@@ -478,3 +503,4 @@ def _count_tasks(report: Report, history: Sequence[Event]) -> None:
         "revoked": report.ops["task_revoked"],
         "lost": sum(max(0, n - handled[task_id]) for task_id, n in published.items()),
     }
+    report.task_wait = (percentile(waits, 0.5), percentile(waits, 0.99), max(waits, default=0.0))

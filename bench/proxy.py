@@ -109,6 +109,8 @@ class Proxy:
         loop.call_soon_threadsafe(loop.stop)
         if self._thread is not None:
             self._thread.join(5)
+        if not loop.is_running():
+            loop.close()
         self._loop = None
 
     # -- faults -------------------------------------------------------------------------------

@@ -30,7 +30,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -77,6 +77,7 @@ class Config:
             ttl=self.ttl,
             stale_ttl=self.stale_ttl,
             op_timeout=self.op_timeout,
+            stall_slack=0.75,  # two shared cores: GIL and scheduler delays on top of timeouts
             allowed={
                 "get": frozenset({"InjectedResolverError"}),
                 # set() on a write-through cache tells the truth when its chain could not be
@@ -134,6 +135,9 @@ def _resumed(outcome: Outcome, progress: Any) -> bool:
 def run(config: Config, out_dir: Path) -> tuple[dict[str, Any], Report]:
     """Run the soak with its directory ``out_dir``; return the summary and the checker's report."""
     faults = list(config.faults) or schedule(config.seed, config.seconds, kinds=config.kinds)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    saved = {k: v for k, v in asdict(config).items() if k != "faults"}
+    (out_dir / "config.json").write_text(json.dumps(saved, indent=2))
     history = out_dir / "history"
     recorder = Recorder(history)
     with contextlib.ExitStack() as stack:
@@ -229,7 +233,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, help="write the summary here")
     parser.add_argument("--out", type=Path, help="the run's directory (default: a temporary one)")
     parser.add_argument("--keep", action="store_true", help="keep the run's directory")
+    parser.add_argument("--check", type=Path, help="only check the history of a kept run DIR")
     args = parser.parse_args(argv)
+    if args.check:
+        saved = json.loads((args.check / "config.json").read_text())
+        saved["kinds"] = tuple(saved["kinds"])
+        report = check(load(args.check / "history"), Config(**saved).bounds())
+        print(json.dumps(report.summary(), indent=2))
+        print(report.render(limit=20))
+        return 1 if report.violations else 0
     kinds = tuple(k for k in args.kinds.split(",") if k)
     unknown = set(kinds) - set(KINDS)
     if unknown:

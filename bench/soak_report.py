@@ -131,7 +131,9 @@ def _attribute(violations: list[Violation], outcomes: list[Outcome]) -> dict[int
     """Violations per fault (index into ``outcomes``; -1: outside every fault's horizon)."""
     found: Counter[int] = Counter()
     for violation in violations:
-        at = violation.event.t0
+        # A read that misses a write belongs to the fault the write was made in.
+        cause = violation.cause if violation.rule.startswith("stale_") else None
+        at = (cause or violation.event).t0
         owner = -1
         for index, outcome in enumerate(outcomes):
             if outcome.t0 <= at <= outcome.t1 + HORIZON:
@@ -201,6 +203,7 @@ def summarize(
         "stall_limit": round(report.stall_limit, 3),
         "max_stall": round(report.max_stall, 3),
         "tasks": report.tasks,
+        "task_wait_ms": [round(x * 1000, 1) for x in report.task_wait],
         "drained": drained,
         "peak_rss_mb": {k: round(v / 1024, 1) for k, v in monitor.peak_kb.items()},
         "web_exit_codes": exit_codes,
@@ -272,6 +275,10 @@ def table(summary: dict[str, Any]) -> str:
             "tasks lost",
             f"{tasks.get('lost', 0)} of {tasks.get('published', 0)} published "
             f"({tasks.get('revoked', 0)} expired; drained: {summary['drained']})",
+        ),
+        (
+            "task wait p50 / p99 / max",
+            " / ".join(f"{ms / 1000:.2f}" for ms in summary["task_wait_ms"]) + " s",
         ),
         ("peak RSS web / worker", f"{rss['web']:.0f} / {rss['worker']:.0f} MB"),
         ("violations outside fault horizons", f"{summary['outside_faults']}"),

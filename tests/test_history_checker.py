@@ -231,14 +231,22 @@ def test_a_get_that_waits_past_the_limit_is_a_stall() -> None:
     report = check([get(1.0, v=1, vt=1.0, t1=3.0)], B)
     assert report.stall_limit == pytest.approx(3 * 0.25 + 0.5)
     assert dict(report.rules()) == {"stall": 1}
-    assert "0 resolver run(s)" in report.violations[0].detail
+    assert "first resolver run: none" in report.violations[0].detail
 
 
 def test_a_gets_own_resolver_time_is_not_a_stall() -> None:
     run = ev("origin_read", 1.5, 2.5, v=1, p=1, th="t")
     assert rules(run, get(1.0, v=1, vt=2.0, t1=4.0)) == {}  # waited 2.0 < 1.25 + 1.0
-    other = ev("origin_read", 1.5, 2.5, v=1, p=7, th="x")
-    assert rules(other, get(1.0, v=1, vt=2.0, t1=4.0)) == {"stall": 1}  # 3.0 > 2.25
+    late = ev("origin_read", 3.8, 3.9, v=1, p=7, th="x")  # the lock expired; someone computed
+    report = check([late, get(1.0, v=1, vt=3.85, t1=4.0)], B)
+    assert dict(report.rules()) == {"stall": 1}  # 3.0 > 1.25 + 0.1: a lock nobody held
+    assert "first resolver run: 2.800s after it began" in report.violations[0].detail
+
+
+def test_waiting_for_a_holder_that_computes_the_key_is_not_a_stall() -> None:
+    holder = ev("origin_read", 1.5, 2.5, v=1, p=7, th="x")  # a slow resolver elsewhere
+    report = check([holder, get(1.0, v=1, vt=2.0, t1=4.0)], B)  # waited 3.0 > 2.25
+    assert (dict(report.rules()), report.held_stalls) == ({}, 1)
 
 
 # -- duplicate resolver runs ------------------------------------------------------------------
@@ -271,7 +279,9 @@ def test_tasks_published_and_never_started_are_lost() -> None:
         ev("task_revoked", 2, 2, x={"id": "c"}),
         ev("task_pub", 3, 3, x={"id": "a"}),  # the same id published again, never run again
     ]
-    assert check(history, B).tasks == {"published": 4, "started": 1, "revoked": 1, "lost": 2}
+    report = check(history, B)
+    assert report.tasks == {"published": 4, "started": 1, "revoked": 1, "lost": 2}
+    assert report.task_wait == (1.0, 1.0, 1.0)
 
 
 def test_latency_percentiles() -> None:
