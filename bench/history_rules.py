@@ -205,7 +205,10 @@ def check_stalls(
             holders = [
                 r
                 for r in runs.get(key, ())
-                if (r.p, r.th) != thread and r.t1 >= get.t0 - bounds.op_timeout and r.t0 <= latest
+                if r.ok  # a failed run stores nothing: its lock only throttles
+                and (r.p, r.th) != thread
+                and r.t1 >= get.t0 - bounds.op_timeout
+                and r.t0 <= latest
             ]
             if holders:
                 report.held_stalls += 1

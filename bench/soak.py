@@ -219,6 +219,19 @@ def _kill_all(procs: Sequence[Any]) -> None:
             proc.join(5)
 
 
+def parse_faults(text: str) -> list[Fault]:
+    """``"redis_pause@5:1.5,bus_kill@9"`` -> the faults (kind, at, duration, level)."""
+    faults = []
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        kind, _, when = item.partition("@")
+        numbers = [float(x) for x in when.split(":") if x] if when else []
+        if kind not in KINDS or not 1 <= len(numbers) <= 3:
+            raise ValueError(f"bad fault {item!r}: kind@at[:duration[:level]], kinds {KINDS}")
+        at, duration, level = [*numbers, 0.0, 0.0][:3]
+        faults.append(Fault(at, kind, duration, level or (0.05 if kind == "net_slow" else 1.0)))
+    return sorted(faults, key=lambda f: f.at)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """The command line: run, print the table (and the violations), write ``--json``."""
     parser = argparse.ArgumentParser(
@@ -230,6 +243,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=4, help="threads per web process")
     parser.add_argument("--workers", type=int, default=2, help="Celery workers")
     parser.add_argument("--kinds", default=",".join(KINDS), help="fault kinds, comma-separated")
+    parser.add_argument(
+        "--faults",
+        default="",
+        help="an explicit schedule instead of the seeded one: kind@at[:duration[:level]],...",
+    )
     parser.add_argument("--json", type=Path, help="write the summary here")
     parser.add_argument("--out", type=Path, help="the run's directory (default: a temporary one)")
     parser.add_argument("--keep", action="store_true", help="keep the run's directory")
@@ -246,13 +264,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     unknown = set(kinds) - set(KINDS)
     if unknown:
         parser.error(f"unknown fault kinds {sorted(unknown)}; known: {', '.join(KINDS)}")
+    try:
+        faults = parse_faults(args.faults)
+    except ValueError as exc:
+        parser.error(str(exc))
     config = Config(
         seconds=args.seconds,
         seed=args.seed,
         web=args.web,
         threads=args.threads,
         workers=args.workers,
-        kinds=kinds,
+        kinds=tuple(sorted({f.kind for f in faults})) if faults else kinds,
+        faults=tuple(faults),
     )
     out_dir = args.out or Path(tempfile.mkdtemp(prefix="oqron-soak-"))
     summary, report = run(config, out_dir)

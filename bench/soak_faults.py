@@ -71,7 +71,9 @@ def schedule(
     gaps: tuple[float, float] = (3.0, 5.0),
     kinds: Sequence[str] = KINDS,
 ) -> list[Fault]:
-    """The faults of a run of ``seconds`` seconds, drawn from ``seed``."""
+    """The faults of a run of ``seconds`` seconds, drawn from ``seed`` (none without kinds)."""
+    if not kinds:
+        return []
     rng = random.Random(seed)
     faults: list[Fault] = []
     bag: list[str] = []

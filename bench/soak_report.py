@@ -202,6 +202,7 @@ def summarize(
         },
         "stall_limit": round(report.stall_limit, 3),
         "max_stall": round(report.max_stall, 3),
+        "held_stalls": report.held_stalls,
         "tasks": report.tasks,
         "task_wait_ms": [round(x * 1000, 1) for x in report.task_wait],
         "drained": drained,
@@ -268,8 +269,8 @@ def table(summary: dict[str, Any]) -> str:
         ),
         (
             "stalled reads",
-            f"{zero['stalled_reads']} (max {summary['max_stall']:.2f} s, "
-            f"limit {summary['stall_limit']:.2f} s)",
+            f"{zero['stalled_reads']} (max {summary['max_stall']:.2f} s, limit "
+            f"{summary['stall_limit']:.2f} s; {summary['held_stalls']} waited for a live holder)",
         ),
         (
             "tasks lost",

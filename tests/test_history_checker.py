@@ -249,6 +249,14 @@ def test_waiting_for_a_holder_that_computes_the_key_is_not_a_stall() -> None:
     assert (dict(report.rules()), report.held_stalls) == ({}, 1)
 
 
+def test_a_failed_resolver_run_is_no_holder() -> None:
+    # A refresh that failed keeps the key's lock as a throttle: a reader with nothing to serve
+    # then waits for a lock that nobody will fill.
+    failed = ev("origin_read", 0.9, 0.95, p=7, th="x", out="InjectedResolverError")
+    late = ev("origin_read", 2.9, 2.95, v=1, p=1, th="t")  # the reader's own, at lock expiry
+    assert rules(failed, late, get(1.0, v=1, vt=2.92, t1=3.0)) == {"stall": 1}
+
+
 # -- duplicate resolver runs ------------------------------------------------------------------
 
 

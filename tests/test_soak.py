@@ -19,7 +19,8 @@ import pytest
 import redis
 
 from bench.proxy import Proxy
-from bench.soak_faults import KINDS, schedule
+from bench.soak import parse_faults
+from bench.soak_faults import KINDS, Fault, schedule
 from tests.redis_server import RedisServer, no_retry
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -98,6 +99,19 @@ def test_the_schedule_is_seeded_and_covers_the_kinds() -> None:
     ten_minutes = schedule(SOAK_SEED, 600)
     assert len(ten_minutes) >= 30
     assert {f.kind for f in ten_minutes} == set(KINDS)
+    assert schedule(SOAK_SEED, 600, kinds=()) == []
+
+
+def test_an_explicit_schedule_is_parsed_in_order() -> None:
+    assert parse_faults("bus_kill@9, redis_pause@5:1.5,net_slow@12:2:0.08") == [
+        Fault(5.0, "redis_pause", 1.5, 1.0),
+        Fault(9.0, "bus_kill", 0.0, 1.0),
+        Fault(12.0, "net_slow", 2.0, 0.08),
+    ]
+    assert parse_faults("") == []
+    for bad in ("nope@1", "redis_pause", "redis_pause@1:2:3:4"):
+        with pytest.raises(ValueError, match="bad fault"):
+            parse_faults(bad)
 
 
 @pytest.mark.slow
