@@ -100,7 +100,7 @@ def _drive(
     for fault in faults:
         time.sleep(max(0.0, start_at + fault.at - time.time()))
         if outcomes:
-            outcomes[-1].resumed = _resumed(outcomes[-1], progress)
+            _settle(outcomes[-1], progress, injector)
         t0, m0 = time.time(), time.monotonic()
         error = ""
         details: dict[str, Any] = {}
@@ -124,12 +124,15 @@ def _drive(
         outcomes.append(Outcome(fault, t0, t1, error, list(progress)))
     if outcomes:
         time.sleep(max(0.0, min(outcomes[-1].t1 + 5.0, end_at) - time.time()))
-        outcomes[-1].resumed = _resumed(outcomes[-1], progress)
+        _settle(outcomes[-1], progress, injector)
     return outcomes
 
 
-def _resumed(outcome: Outcome, progress: Any) -> bool:
-    return all(now > before for now, before in zip(progress, outcome.progress, strict=True))
+def _settle(outcome: Outcome, progress: Any, injector: Injector) -> None:
+    """After a fault: did every web process serve again, did a worker die (then replace it)?"""
+    outcome.workers_died = injector.workers.revive()
+    served = all(now > before for now, before in zip(progress, outcome.progress, strict=True))
+    outcome.resumed = served and not outcome.workers_died
 
 
 def run(config: Config, out_dir: Path) -> tuple[dict[str, Any], Report]:

@@ -107,6 +107,7 @@ class Workers:
     concurrency: int = 2
     procs: list[WorkerProcess] = field(default_factory=list)
     killed: int = 0
+    died: int = 0  # exited on their own (a broker restart can crash a Celery worker)
     replaced: int = 0
     failures: list[str] = field(default_factory=list)
 
@@ -134,7 +135,19 @@ class Workers:
         victim = rng.choice(self.procs)
         victim.kill()
         self.killed += 1
-        self.procs.remove(victim)
+        self._replace(victim)
+        return victim
+
+    def revive(self) -> int:
+        """Replace the workers that exited on their own; return how many did."""
+        dead = [worker for worker in self.procs if worker.proc.poll() is not None]
+        for worker in dead:
+            self.died += 1
+            self._replace(worker)
+        return len(dead)
+
+    def _replace(self, gone: WorkerProcess) -> None:
+        self.procs.remove(gone)
         replacement = self._new()
         self.procs.append(replacement)
 
@@ -146,7 +159,6 @@ class Workers:
                 self.failures.append(str(exc)[:300])
 
         threading.Thread(target=wait, name="soak-worker-ready", daemon=True).start()
-        return victim
 
     def alive(self) -> bool:
         return all(worker.proc.poll() is None for worker in self.procs)

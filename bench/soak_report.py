@@ -30,7 +30,8 @@ HORIZON = 10.0  # a violation this long after a fault ended (and before the next
 @dataclass
 class Outcome:
     """One injected fault: its window, whether injecting it failed, and the web processes'
-    progress counters when it ended (``resumed``: all of them moved on since)."""
+    progress counters when it ended (``resumed``: all of them moved on since and no worker
+    died; ``workers_died``: workers that exited on their own after it, replaced)."""
 
     fault: Fault
     t0: float
@@ -38,6 +39,7 @@ class Outcome:
     error: str
     progress: list[int]
     resumed: bool = False
+    workers_died: int = 0
 
 
 def _status_kb(pid: int, field: str) -> int:
@@ -153,7 +155,7 @@ def summarize(
 ) -> dict[str, Any]:
     """The run as plain data (JSON-able); ``summary["zero"]`` holds what must be 0."""
     owners = _attribute(report.violations, outcomes)
-    workers_ok = workers.replaced == workers.killed and not workers.failures
+    workers_ok = workers.replaced == workers.killed + workers.died and not workers.failures
     kinds: dict[str, dict[str, int]] = {}
     faults = []
     for index, outcome in enumerate(outcomes):
@@ -171,6 +173,7 @@ def summarize(
                 "window": [round(outcome.t0, 3), round(outcome.t1, 3)],
                 "error": outcome.error,
                 "resumed": outcome.resumed,
+                "workers_died": outcome.workers_died,
                 "violations": seen,
             }
         )
@@ -208,7 +211,11 @@ def summarize(
         "drained": drained,
         "peak_rss_mb": {k: round(v / 1024, 1) for k, v in monitor.peak_kb.items()},
         "web_exit_codes": exit_codes,
-        "workers": {"killed": workers.killed, "replaced": workers.replaced},
+        "workers": {
+            "killed": workers.killed,
+            "died": workers.died,
+            "replaced": workers.replaced,
+        },
         "outside_faults": owners.get(-1, 0),
         "violations": dict(report.rules()),
         "zero": zero,
@@ -280,6 +287,11 @@ def table(summary: dict[str, Any]) -> str:
         (
             "task wait p50 / p99 / max",
             " / ".join(f"{ms / 1000:.2f}" for ms in summary["task_wait_ms"]) + " s",
+        ),
+        (
+            "workers killed / died / replaced",
+            f"{summary['workers']['killed']} / {summary['workers']['died']} / "
+            f"{summary['workers']['replaced']}",
         ),
         ("peak RSS web / worker", f"{rss['web']:.0f} / {rss['worker']:.0f} MB"),
         ("violations outside fault horizons", f"{summary['outside_faults']}"),
