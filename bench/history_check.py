@@ -27,10 +27,13 @@ operation that saw it and the operation that makes it a violation:
     P4, only with ``Bounds.dedup``: a resolver run of a key overlapped another run of it.
 
 Faults (``fault`` events, or ``windows=``) extend when a write is due. A fault window ``[a, b]``
-heals at ``h = b + recovery_base + min(b - a, recovery_cap)``: the library notices Redis is back
-at its breaker's next probe (the breaker's cooldown doubles while the fault lasts), then replays
-what it deferred. A write that begins before ``h`` and would be due after ``a`` is due at ``h``
-(or later, if it completes later). P3 dates a write-through value from its origin write.
+heals at ``h = b + recovery_base + min(b - a, recovery_cap) + bus_delay``: the library notices
+Redis is back at its breaker's next probe, then replays what it deferred and announces it. The
+breaker's cooldown doubles with each failed probe (0.5 s, 1 s, ... 5 s), so the cooldown running
+when the fault ends is at most about the fault's length plus the first 0.5 s and a few timeouts
+(``recovery_base``, 1.25 s). A write that begins before ``h`` and would be due after ``a`` is
+due at ``h`` (or later, if it completes later). P3 dates a write-through value from its origin
+write.
 """
 
 from __future__ import annotations
@@ -124,6 +127,7 @@ def _due(event: Event, bounds: Bounds, windows: Sequence[Window]) -> float:
                 window.end
                 + bounds.recovery_base
                 + min(window.end - window.start, bounds.recovery_cap)
+                + bounds.bus_delay
             )
             if window.start <= due and event.t0 <= healed and healed > due:
                 due, changed = healed, True

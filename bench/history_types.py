@@ -30,7 +30,7 @@ class Bounds:
     stale_ttl: float
     slack: float = 0.5
     bus_delay: float = 0.5
-    recovery_base: float = 1.0
+    recovery_base: float = 1.25
     recovery_cap: float = 5.0
     op_timeout: float = 0.25
     stall_calls: int = 3

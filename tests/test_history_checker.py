@@ -164,9 +164,9 @@ def test_a_failed_write_or_invalidation_promises_nothing() -> None:
 
 def test_a_write_in_a_fault_window_is_due_after_the_window_and_the_recovery() -> None:
     write = put(5.0, 5.1, v=2)
-    window = (Window(4.0, 7.0),)  # due: 7 + recovery 1 + min(3, cap 5) = 11
-    assert rules(write, get(10.9, v=1, vt=4.9), windows=window) == {}
-    assert rules(write, get(11.1, v=1, vt=4.9), windows=window) == {
+    window = (Window(4.0, 7.0),)  # due: 7 + recovery 1 + min(3, cap 5) + bus 0.5 = 11.5
+    assert rules(write, get(11.4, v=1, vt=4.9), windows=window) == {}
+    assert rules(write, get(11.6, v=1, vt=4.9), windows=window) == {
         "stale_overwrite": 1,
         "lost_write": 1,
     }
@@ -174,9 +174,9 @@ def test_a_write_in_a_fault_window_is_due_after_the_window_and_the_recovery() ->
 
 def test_a_write_after_the_window_but_before_it_healed_is_due_when_it_heals() -> None:
     # The writer's breaker may still be open after the fault: its write is replayed later.
-    window = (Window(4.0, 5.0),)  # heals at 5 + 1 + 1 = 7
-    assert rules(put(6.0, 6.1, v=2), get(6.9, v=1, vt=3.0), windows=window) == {}
-    assert rules(put(6.0, 6.1, v=2), get(7.1, v=1, vt=3.0), windows=window) == {
+    window = (Window(4.0, 5.0),)  # heals at 5 + 1 + 1 + 0.5 = 7.5
+    assert rules(put(6.0, 6.1, v=2), get(7.4, v=1, vt=3.0), windows=window) == {}
+    assert rules(put(6.0, 6.1, v=2), get(7.6, v=1, vt=3.0), windows=window) == {
         "stale_overwrite": 1,
         "lost_write": 1,
     }
@@ -198,9 +198,9 @@ def test_a_write_just_before_a_window_whose_bus_message_was_lost_is_due_after_it
 
 
 def test_windows_chain_when_the_extended_deadline_reaches_the_next() -> None:
-    windows = (Window(4.0, 5.0), Window(6.5, 7.0))  # due 5 + 1 + 1 = 7 -> 7 + 1 + 0.5 = 8.5
-    assert rules(put(4.5, 4.6, v=2), get(8.4, v=1, vt=4.0), windows=windows) == {}
-    assert rules(put(4.5, 4.6, v=2), get(8.6, v=1, vt=4.0), windows=windows) == {
+    windows = (Window(4.0, 5.0), Window(6.5, 7.0))  # due 5 + 1 + 1 + .5 -> 7 + 1 + .5 + .5 = 9
+    assert rules(put(4.5, 4.6, v=2), get(8.9, v=1, vt=4.0), windows=windows) == {}
+    assert rules(put(4.5, 4.6, v=2), get(9.1, v=1, vt=4.0), windows=windows) == {
         "stale_overwrite": 1,
         "lost_write": 1,
     }
