@@ -32,7 +32,8 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from types import SimpleNamespace
+from typing import Any, cast
 
 from tests.procs.soak_caches import Params
 from tests.procs.soak_web import Plan
@@ -215,6 +216,37 @@ def run(config: Config, out_dir: Path) -> tuple[dict[str, Any], Report]:
     return summary, report
 
 
+def recheck(run_dir: Path, summary_path: Path | None = None) -> tuple[dict[str, Any], Report]:
+    """Check a kept run's history again (with this checker) and rebuild its summary."""
+    saved = json.loads((summary_path or run_dir / "summary.json").read_text())
+    config = Config(**{**saved["config"], "kinds": tuple(saved["config"]["kinds"])})
+    report = check(load(run_dir / "history"), config.bounds())
+    outcomes = [
+        Outcome(
+            Fault(f["at"], f["kind"], f["duration"], f["level"]),
+            f["window"][0],
+            f["window"][1],
+            f["error"],
+            [],
+            f["resumed"],
+            f.get("workers_died", 0),
+        )
+        for f in saved["faults"]
+    ]
+    monitor = SimpleNamespace(peak_kb={k: v * 1024 for k, v in saved["peak_rss_mb"].items()})
+    workers = SimpleNamespace(**{"failures": [], "died": 0, **saved["workers"]})
+    summary = summarize(
+        config,
+        outcomes,
+        report,
+        cast(RssMonitor, monitor),
+        cast(Workers, workers),
+        saved["web_exit_codes"],
+        saved["drained"],
+    )
+    return summary, report
+
+
 def _kill_all(procs: Sequence[Any]) -> None:
     for proc in procs:
         if proc.is_alive():
@@ -254,15 +286,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, help="write the summary here")
     parser.add_argument("--out", type=Path, help="the run's directory (default: a temporary one)")
     parser.add_argument("--keep", action="store_true", help="keep the run's directory")
-    parser.add_argument("--check", type=Path, help="only check the history of a kept run DIR")
+    parser.add_argument(
+        "--check",
+        type=Path,
+        help="check a kept run DIR again (its summary.json, or --json, holds the faults' outcomes)",
+    )
     args = parser.parse_args(argv)
     if args.check:
-        saved = json.loads((args.check / "config.json").read_text())
-        saved["kinds"] = tuple(saved["kinds"])
-        report = check(load(args.check / "history"), Config(**saved).bounds())
-        print(json.dumps(report.summary(), indent=2))
+        summary, report = recheck(args.check, args.json)
+        print(table(summary))
         print(report.render(limit=20))
-        return 1 if report.violations else 0
+        return 1 if any(summary["zero"].values()) else 0
     kinds = tuple(k for k in args.kinds.split(",") if k)
     unknown = set(kinds) - set(KINDS)
     if unknown:
@@ -285,6 +319,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(table(summary))
     if report.violations:
         print(report.render(limit=8))
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     if args.json:
         args.json.write_text(json.dumps(summary, indent=2, default=str))
     failed = any(summary["zero"].values())
