@@ -8,6 +8,7 @@ once Redis answers, newest per key, never over a newer write, and counted.
 
 from __future__ import annotations
 
+import base64
 import threading
 import time
 import uuid
@@ -22,6 +23,7 @@ from oqron_cache import MemoryTier, RedisTier, Stampede
 from oqron_cache.config import current_runtime, reset
 from oqron_cache.core.entry import Entry, new_version, pack, unpack
 from oqron_cache.engine.recovery import Op, Recovery
+from oqron_cache.redis.store import L2Unavailable
 from tests.conftest import FakeClock
 from tests.redis_server import RedisServer
 
@@ -247,11 +249,11 @@ def test_a_load_lock_requested_while_paused_does_not_stall_the_next_reader(
     real = stack.l2.acquire_or_read
     pause_once = threading.Event()
 
-    def acquire_or_read(key: str, token: str, ttl: float) -> Any:
+    def acquire_or_read(key: str, token: str, ttl: float, *args: Any, **kwargs: Any) -> Any:
         if not pause_once.is_set():
             pause_once.set()
             paused_redis.pause()  # the lock request goes out to a server that is asleep
-        return real(key, token, ttl)
+        return real(key, token, ttl, *args, **kwargs)
 
     stack.l2.acquire_or_read = acquire_or_read
     assert cache.get("k") == "computed"  # the request timed out: computed without the lock
@@ -274,3 +276,42 @@ def test_the_envelope_of_a_deferred_delete_is_a_tombstone_written_flag(
     raw = pack(tomb, cache.stack.codec.codec_id, b"")
     entry, _, _ = unpack(raw)
     assert entry.tombstone and entry.written
+
+
+def test_an_origin_write_lock_requested_while_paused_is_released(
+    paused_redis: RedisServer, make_cache: Callable[..., Any]
+) -> None:
+    """Soak finding (P14): the write-through origin lock (30 s) of a request that timed out
+    was left behind, and every later write of the key spun in a worker until it expired."""
+    from types import SimpleNamespace
+
+    from oqron_cache.celery.write_through import origin_link
+
+    written: list[Any] = []
+    cache = make_cache(tiers=tiers(), write_through=lambda key, value: written.append(value))
+    stack = cache.stack
+    conn = stack.l2.conn
+    real = conn.origin_begin_script
+    first = threading.Event()
+
+    def origin_begin(*args: Any, **kwargs: Any) -> Any:
+        if not first.is_set():
+            first.set()
+            paused_redis.pause()  # the lock request reaches a server that is asleep
+        return real(*args, **kwargs)
+
+    conn.origin_begin_script = origin_begin
+    task = SimpleNamespace(request=SimpleNamespace(retries=0))
+    payload = base64.b64encode(stack.codec.encode({"n": 1}, cache.name)).decode()
+    with pytest.raises(L2Unavailable):  # the task is retried (autoretry_for)
+        origin_link(task, stack, "k", payload, new_version().hex(), time.time())
+    paused_redis.resume()
+    client = paused_redis.client()
+    wait_until(
+        lambda: cache.get_stats(local=True)["releases_replayed"], SETTLE, "the lock's release"
+    )
+    assert not client.exists(stack.l2.keys.write_lock("k"))
+    started = time.monotonic()
+    forward = origin_link(task, stack, "k", payload, new_version().hex(), time.time())
+    assert forward is not None and written == [{"n": 1}]
+    assert time.monotonic() - started < 1.0

@@ -497,11 +497,18 @@ def test_a_thousand_writes_under_load_none_lost(env: Env, chain: Origin) -> None
 # -- 6. a redelivered cache link ------------------------------------------------------------------
 
 
-def _link(cache: Any, key: str, value: Any, version: bytes, created_at: float) -> str:
+def _link(
+    cache: Any,
+    key: str,
+    value: Any,
+    version: bytes,
+    created_at: float,
+    origin_at: float | None = None,
+) -> str:
     """Run the cache link in this process, as a (re)delivered ``oqron_cache.write_cache``."""
     payload = cache.stack.codec.encode(value, cache.name)
     b64 = base64.b64encode(payload).decode()
-    return cache_link(cache.stack, key, b64, version.hex(), created_at)
+    return cache_link(cache.stack, key, b64, version.hex(), created_at, origin_at)
 
 
 def _tiers() -> list[Any]:
@@ -562,9 +569,40 @@ def test_a_fill_that_read_the_origin_before_the_write_never_beats_its_cache_link
     set_began = time.time()  # set({"n": 1}) starts: its chain carries this created_at
     assert cache.get(key) == {"n": 0}  # ... a load reads the old origin and fills, later
     origin[key] = {"n": 1}  # the origin link writes the origin; then the cache link runs:
-    assert _link(cache, key, {"n": 1}, new_version(), set_began) == "written"
+    origin_at = time.time()
+    assert _link(cache, key, {"n": 1}, new_version(), set_began, origin_at) == "written"
     assert _l2_of(cache, key)[0] == {"n": 1}
     assert cache.get(key) == {"n": 1}
+
+
+def test_a_late_cache_link_never_serves_a_value_past_its_bound_nor_beats_a_newer_fill(
+    configured: str, make_cache: Any
+) -> None:
+    """Soak finding (P3, P5): a cache link retried long after its origin write (Redis was
+    restarted empty meanwhile) reinstalled a value 15 s old, and hid a newer fill."""
+    origin = {"k": {"n": 2}}
+    cache = make_cache(
+        ttl="1s", stale_ttl="1s", resolver=lambda key: dict(origin[key]),
+        write_through=lambda key, value: None,
+    )
+    now = time.time()
+    # Its origin write was 5 s ago, past ttl + stale_ttl: not written, set() still succeeded.
+    assert _link(cache, "k", {"n": 1}, new_version(), now - 5.5, now - 5) == "expired"
+    assert cache.stack.l2.read("k") is None
+    outcome = cache.stack.l2.conn.client.hget(cache.stack.l2.keys.writes("k"), new_version().hex())
+    assert outcome is None
+    # A fill whose load began after the link's origin write read that value or a newer one.
+    written_at = time.time()
+    assert cache.get("k") == {"n": 2}
+    assert _link(cache, "k", {"n": 1}, new_version(), written_at - 0.2, written_at) == (
+        "superseded"
+    )
+    assert _l2_of(cache, "k")[0] == {"n": 2}
+    # Its freshness counts from the origin write, not from when the link ran.
+    at = time.time() - 0.5
+    assert _link(cache, "k2", {"n": 3}, new_version(), at - 0.1, at) == "written"
+    raw = cache.stack.l2.read("k2")
+    assert unpack(raw)[0].fresh_until == pytest.approx(at + 1.0)
 
 
 def test_a_cache_link_older_than_a_write_that_reached_the_origin_does_not_land(

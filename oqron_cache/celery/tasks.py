@@ -200,9 +200,11 @@ def _install_write_through(app: Any, tasks: dict[str, Any]) -> None:
         def body() -> str:
             if previous is None:
                 return "skipped: the origin refused the write"
-            if not isinstance(previous, list) or len(previous) != 5:
+            # Five items from links sent before 0.2, six since (with the origin's time).
+            if not isinstance(previous, list) or len(previous) not in (5, 6):
                 raise TaskArgumentError("write_cache expects the origin link's result")
-            cache_name, key, payload_b64, version_hex, created_at = previous
+            cache_name, key, payload_b64, version_hex, created_at = previous[:5]
+            origin_at = number_arg(previous[5]) if len(previous) == 6 else None
             cache = lookup_cache(cache_name)
             return cache_link(
                 cache.stack,
@@ -210,6 +212,7 @@ def _install_write_through(app: Any, tasks: dict[str, Any]) -> None:
                 text_arg(payload_b64, "payload", 64 << 20),
                 text_arg(version_hex, "version", 16),
                 number_arg(created_at),
+                origin_at,
             )
 
         return str(guarded(WRITE_CACHE_TASK, body))

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 from ..core.entry import Entry, new_version, pack
 from ..core.errors import OqronCacheError
+from ..engine.recovery import WRITE_LOCK
 from ..engine.writes import entry_tags
 from ..redis.store import L2Unavailable
 from .enqueue import BrokerUnavailable, Enqueuer
@@ -207,25 +208,34 @@ def origin_link(
     """
     l2 = _l2(stack)
     outcomes = l2.keys.writes(key)
-    forward = [stack.name, key, payload_b64, version_hex, created_at]
+    forward: list[Any] = [stack.name, key, payload_b64, version_hex, created_at]
     token = secrets.token_hex(16)
     lock_keys = [outcomes, l2.keys.write_lock(key)]
     deadline = time.monotonic() + ORIGIN_LOCK_WAIT
+    pause = 0.01
     while True:
-        state = l2.conn.run(
-            l2.conn.origin_begin_script,
-            keys=lock_keys,
-            args=[token, ORIGIN_LOCK_MS, version_hex, repr(created_at), OUTCOME_TTL_MS],
-        )
+        try:
+            state = l2.conn.run(
+                l2.conn.origin_begin_script,
+                keys=lock_keys,
+                args=[token, ORIGIN_LOCK_MS, version_hex, repr(created_at), OUTCOME_TTL_MS],
+            )
+        except L2Unavailable:
+            # The request may still run when Redis answers (a paused server does): its lock
+            # must not then stall every later write of the key (P14). The task is retried.
+            stack._defer_release(key, token, WRITE_LOCK)
+            raise
         state = state.decode() if isinstance(state, bytes) else str(state)
-        if state == "done":
-            return forward  # a redelivered link: the origin already has this write
+        if state == "done":  # a redelivered link: the origin already has this write
+            at = l2.conn.run(l2.conn.client.hget, outcomes, f"t{version_hex}")
+            return [*forward, float(at) if at is not None else created_at]
         if state == "superseded":
             _announce(stack, key)
             return None  # a newer write is in the origin (and will be in the cache)
         if state == "go" or time.monotonic() > deadline:
             break  # past the deadline the holder is presumed dead (its lock expires too)
-        time.sleep(0.01)
+        time.sleep(pause)
+        pause = min(pause * 2, 0.25)
     value = stack.codec.decode(base64.b64decode(payload_b64))
     write = stack.opts.write_through
     if write is None:
@@ -234,7 +244,10 @@ def origin_link(
     try:
         write(key, value)
     except Exception as exc:
-        l2.conn.run(l2.conn.release_script, keys=[l2.keys.write_lock(key)], args=[token])
+        try:
+            l2.conn.run(l2.conn.release_script, keys=[l2.keys.write_lock(key)], args=[token])
+        except L2Unavailable:
+            stack._defer_release(key, token, WRITE_LOCK)
         retries = int(task.request.retries or 0)
         if retries < MAX_RETRIES:
             raise task.retry(exc=exc, countdown=backoff(retries)) from exc
@@ -254,12 +267,17 @@ def origin_link(
         return None
     finally:
         _version.reset(marker)
-    l2.conn.run(
-        l2.conn.origin_done_script,
-        keys=lock_keys,
-        args=[token, version_hex, repr(created_at), OUTCOME_TTL_MS],
-    )
-    return forward
+    origin_at = stack.clock()
+    try:
+        l2.conn.run(
+            l2.conn.origin_done_script,
+            keys=lock_keys,
+            args=[token, version_hex, repr(created_at), OUTCOME_TTL_MS, repr(origin_at)],
+        )
+    except L2Unavailable:
+        stack._defer_release(key, token, WRITE_LOCK)  # retried: the origin deduplicates
+        raise
+    return [*forward, origin_at]
 
 
 def _announce(stack: CacheStack, key: str) -> None:
@@ -278,35 +296,58 @@ def current_write_version() -> str | None:
 
 
 def cache_link(
-    stack: CacheStack, key: str, payload_b64: str, version_hex: str, created_at: float
+    stack: CacheStack,
+    key: str,
+    payload_b64: str,
+    version_hex: str,
+    created_at: float,
+    origin_at: float | None = None,
 ) -> str:
-    """Write the cache unless a newer write is there; record "ok"; announce."""
+    """Write the cache unless a newer write is there; record "ok"; announce.
+
+    The value is fresh for ``ttl`` from ``origin_at``, when the origin accepted it (a link
+    redelivered or retried late must not make an old value look new, P3), and is not written
+    at all once past ``stale_until``: the next read loads the origin instead.
+    """
     from ..engine.invalidation import after_fill
 
     l2 = _l2(stack)
     payload = base64.b64decode(payload_b64)
     value = stack.codec.decode(payload)
     now = stack.clock()
+    at = created_at if origin_at is None else origin_at
     entry = Entry(
         value,
         created_at,
-        now + stack.opts.ttl,
-        now + stack.opts.ttl + stack.opts.stale_ttl,
+        at + stack.opts.ttl,
+        at + stack.opts.ttl + stack.opts.stale_ttl,
         bytes.fromhex(version_hex),
         entry_tags(stack, key, value),
         written=True,
     )
-    envelope = pack(entry, stack.codec.codec_id, payload)
+    left = entry.stale_until - now
     keys = [l2.keys.value(key), l2.keys.writes(key)]
+    if left <= 0:
+        stack.stats.incr("writes_expired")
+        pipe = l2.conn.client.pipeline(transaction=False)
+        pipe.hset(keys[1], version_hex, "ok")  # the origin has it: set() succeeded
+        pipe.pexpire(keys[1], OUTCOME_TTL_MS)
+        pipe.publish(l2.channel, stack._message("evict", [key]))
+        l2.conn.run(pipe.execute)
+        if stack.l1 is not None:
+            stack.l1.evict(key)
+        return "expired"
+    envelope = pack(entry, stack.codec.codec_id, payload)
     args = [
         envelope,
-        int((stack.opts.ttl + stack.opts.stale_ttl) * 1000),
+        max(1, int(left * 1000)),
         repr(created_at),
         l2.channel,
         stack._message("evict", [key]),
         entry.version,
         version_hex,
         OUTCOME_TTL_MS,
+        repr(at),
     ]
     written = l2.conn.run(l2.conn.put_if_newer_script, keys=keys, args=args)
     if stack.l1 is not None:

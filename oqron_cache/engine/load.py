@@ -41,9 +41,9 @@ def load_as_leader(
         if item is not None and stack.clock() < item.fresh_until:
             return item.value
     if stack.l2 is None or not stack.opts.stampede.enabled:
-        stamp, began = stack.stamp(key), time.monotonic()
+        stamp, began, wall = stack.start(key)
         found = stack._read_l2(key, recheck=True)
-        basis = found.basis() if found is not None else Basis(NO_VERSION, stamp, began)
+        basis = found.basis() if found is not None else Basis(NO_VERSION, stamp, began, wall=wall)
         return compute(stack, key, resolver, basis, fallback)
     lock_ttl = stack.opts.stampede.lock_ttl
     deadline = time.monotonic() + lock_ttl
@@ -57,7 +57,8 @@ def load_as_leader(
     try:
         while True:
             if found is None:  # L2 unavailable: nobody to coordinate with
-                basis = Basis(NO_VERSION, stack.stamp(key), time.monotonic())
+                stamp, began, wall = stack.start(key)
+                basis = Basis(NO_VERSION, stamp, began, wall=wall)
                 return compute(stack, key, resolver, basis, fallback)
             if found.entry is not None and stack.clock() < found.entry.fresh_until:
                 if waited:
@@ -67,9 +68,13 @@ def load_as_leader(
             # One round trip: try the lock and read the entry again (a holder may have
             # filled it since our read; if so we must not load it a second time).
             token = secrets.token_hex(16)
-            stamp, began = stack.stamp(key), time.monotonic()
+            stamp, began, wall = stack.start(key)
             try:
-                won, raw, redis_now, _ = stack.l2.acquire_or_read(key, token, lock_ttl)
+                # A cold load: a lock held by a queued or failed refresh (nobody computing) is
+                # taken over rather than waited for, unless a worker must compute it anyway.
+                won, raw, redis_now, _ = stack.l2.acquire_or_read(
+                    key, token, lock_ttl, take_over=stack.opts.miss != "worker"
+                )
             except L2Unavailable:
                 stack.stats.incr("l2_errors")
                 # The request may still reach Redis (a paused server runs it when it wakes):
@@ -77,7 +82,7 @@ def load_as_leader(
                 # releases it if Redis answers by then; the recovery queue does otherwise.
                 stack._defer_release(key, token)
                 return compute(stack, key, resolver, found.basis(token), fallback)
-            found = stack._parse(key, raw, True, stamp, began)
+            found = stack._parse(key, raw, True, stamp, began, wall)
             if won:
                 if found.entry is not None and stack.clock() < found.entry.fresh_until:
                     stack._release(key, token)

@@ -43,6 +43,7 @@ SCAN_COUNT = 500
 UNLINK_BATCH = 500
 LOG_EVERY = 10.0
 
+WRITE_LOCK = "wl"  # the lock serialising a key's origin writes (write-through), not its fill lock
 Ident = tuple[str, str, str]  # (kind letter, cache, key / pattern / tag / token)
 
 
@@ -57,6 +58,7 @@ class Op:
     envelope: bytes = b""
     ttl: float = 0.0
     token: str = ""
+    lock: str = "l"  # which of the key's locks a release is for ("l" or WRITE_LOCK)
 
 
 class Recovery:
@@ -84,9 +86,13 @@ class Recovery:
         """A ``"pattern"`` or ``"tag"`` invalidation that L2 did not complete."""
         self._add((kind[0], stack.name, subject), Op(stack, kind, subject))
 
-    def defer_release(self, stack: CacheStack, key: str, token: str) -> None:
-        """Release ``key``'s lock ``token`` once Redis answers (its request timed out)."""
-        self._add(("l", stack.name, token), Op(stack, "release", key, token=token))
+    def defer_release(self, stack: CacheStack, key: str, token: str, lock: str = "l") -> None:
+        """Release ``key``'s lock ``token`` once Redis answers (its request timed out).
+
+        ``lock`` is the fill/refresh lock (``"l"``) or the origin-write lock (WRITE_LOCK).
+        """
+        op = Op(stack, "release", key, token=token, lock=lock)
+        self._add(("l", stack.name, token), op)
 
     def settled(self, stack: CacheStack, subject: str, kind: str = "write") -> None:
         """A later write of key ``subject`` (or the same invalidation) reached L2 directly."""
@@ -185,7 +191,11 @@ class Recovery:
         if l2 is None:
             return "dropped"
         if op.kind == "release":
-            l2.release(op.subject, op.token)  # raises L2Unavailable through RedisConn.run
+            lock = l2.keys.write_lock(op.subject) if op.lock == WRITE_LOCK else None
+            if lock is None:
+                l2.release(op.subject, op.token)  # raises L2Unavailable through RedisConn.run
+            else:
+                l2.conn.run(l2.conn.release_script, keys=[lock], args=[op.token])
             return "releases_replayed"
         if op.kind == "pattern":
             from .invalidation import invalidate_pattern_in_l2

@@ -21,7 +21,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from ..core.keys import printable
-from ..redis.store import L2Unavailable
+from ..redis.store import COMPUTING, FAILED, QUEUED, L2Unavailable
 from .writes import OVERSIZE, STORED, Basis, store
 
 if TYPE_CHECKING:
@@ -238,20 +238,25 @@ def _plan(stack: CacheStack, key: str, seen: bytes, early: bool) -> tuple[str, f
             enqueuer = stack.runtime.enqueuer  # type: ignore[union-attr]
             if enqueuer is not None and enqueuer.enqueue(stack.name, key, "", seen, lock_ttl):
                 return "enqueued", lock_ttl
-        basis = Basis(seen, stack.stamp(key), time.monotonic())
+        stamp, began, wall = stack.start(key)
+        basis = Basis(seen, stamp, began, wall=wall)
         return run_refresh(stack, key, "", seen, basis=basis), lock_ttl
     # One round trip: take the key's lock and read the entry (someone may have refreshed it).
     token = secrets.token_hex(16)
-    stamp, began = stack.stamp(key), time.monotonic()
+    stamp, began, wall = stack.start(key)
+    enqueuer = stack.runtime.enqueuer if stack.runtime is not None else None
+    # Taken as "queued" when a worker will run it: a cold load takes it over rather than wait
+    # for a task that may be lost (see the lock phases in oqron_cache.redis.scripts).
+    phase = QUEUED if enqueuer is not None else COMPUTING
     try:
-        won, raw, redis_now, held = stack.l2.acquire_or_read(key, token, lock_ttl)
+        won, raw, redis_now, held = stack.l2.acquire_or_read(key, token, lock_ttl, phase)
     except L2Unavailable:
         stack.stats.incr("l2_errors")
         stack._defer_release(key, token)  # the request may still reach Redis (P14)
         stack.stats.incr("refreshes_enqueued")
-        basis = Basis(seen, stamp, began, None, token)
+        basis = Basis(seen, stamp, began, None, token, wall)
         return run_refresh(stack, key, token, seen, basis=basis), lock_ttl
-    found = stack._parse(key, raw, True, stamp, began)
+    found = stack._parse(key, raw, True, stamp, began, wall)
     if found.entry is not None and _refreshed(stack, found, seen, early):
         if won:
             stack._release(key, token)
@@ -262,11 +267,11 @@ def _plan(stack: CacheStack, key: str, seen: bytes, early: bool) -> tuple[str, f
         stack.stats.incr("refreshes_deduplicated")
         return "locked", held
     stack.stats.incr("refreshes_enqueued")
-    enqueuer = stack.runtime.enqueuer if stack.runtime is not None else None
     if enqueuer is not None:
         if enqueuer.enqueue(stack.name, key, token, found.seen, lock_ttl):
             return "enqueued", lock_ttl
         stack.stats.incr("enqueue_failures")  # broker down or slow: refresh here instead
+        _mark(stack, key, token, lock_ttl, COMPUTING)  # cold loads wait for this one now
     basis = found.basis(token, redis_now)
     return run_refresh(stack, key, token, found.seen, basis=basis), lock_ttl
 
@@ -286,7 +291,13 @@ def run_refresh(
     if resolver is None:
         return "no-resolver"
     if basis is None:
-        found, read_at = stack._read_l2_at(key)  # the clock and the entry, one round trip
+        # The clock, the entry and the claim of the task's lock, in one round trip.
+        found, read_at, claim = stack._read_l2_at(key, token)
+        if claim < 0:
+            # A cold load took the lock over while this task waited in the queue: it
+            # computes the value; running the resolver here too would only do it twice.
+            stack.stats.incr("refreshes_deduplicated")
+            return "taken-over"
         if found is not None and found.seen != seen:
             # Refreshed, written or invalidated since the request: nothing to do (P4, P5).
             if token:
@@ -298,7 +309,8 @@ def run_refresh(
         if found is not None:
             basis = found.basis(token, read_at)
         else:
-            basis = Basis(seen, stack.stamp(key), time.monotonic(), None, token)
+            stamp, began, wall = stack.start(key)
+            basis = Basis(seen, stamp, began, None, token, wall)
     started = time.perf_counter()
     try:
         value = resolver(key)
@@ -328,9 +340,14 @@ def run_refresh(
 
 
 def _throttle(stack: CacheStack, key: str, token: str) -> None:
-    """Keep the key's lock for a whole ``lock_ttl``: no process refreshes it before then."""
+    """Keep the key's lock for a whole ``lock_ttl`` as a throttle (phase "f"): no process
+    refreshes it before then, and a cold load does not wait for it."""
+    _mark(stack, key, token, stack.opts.stampede.lock_ttl, FAILED)
+
+
+def _mark(stack: CacheStack, key: str, token: str, ttl: float, phase: str) -> None:
     if token and stack.l2 is not None:
         try:
-            stack.l2.hold(key, token, stack.opts.stampede.lock_ttl)
+            stack.l2.hold(key, token, ttl, phase)
         except L2Unavailable:
             stack.stats.incr("l2_errors")

@@ -45,19 +45,25 @@ TOMBSTONE_MIN = 30.0  # seconds a tombstone lives at least (see CacheStack._tomb
 class Found:
     """What a read of L2 found: the entry (if any usable), and the version a writer must see."""
 
-    __slots__ = ("began", "entry", "seen", "stamp")
+    __slots__ = ("began", "entry", "seen", "stamp", "wall")
 
     def __init__(
-        self, entry: Entry | None, seen: bytes, stamp: int = -1, began: float = 0.0
+        self,
+        entry: Entry | None,
+        seen: bytes,
+        stamp: int = -1,
+        began: float = 0.0,
+        wall: float = 0.0,
     ) -> None:
         self.entry = entry
         self.seen = seen
         self.stamp = stamp  # the key's L1 generation before the read (see CacheStack._put_l1)
         self.began = began  # time.monotonic() before the read
+        self.wall = wall  # the cache's clock before the read
 
     def basis(self, token: str = "", started_us: int | None = None) -> Basis:
         """What a load that replaces this read's entry is based on (see :class:`Basis`)."""
-        return Basis(self.seen, self.stamp, self.began, started_us, token)
+        return Basis(self.seen, self.stamp, self.began, started_us, token, self.wall)
 
 
 class CacheStack:
@@ -255,39 +261,56 @@ class CacheStack:
         if self.l2 is None:
             return None
         started = time.perf_counter()
-        stamp = self.stamp(key)
-        began = time.monotonic()
+        stamp, began, wall = self.start(key)
         try:
             raw = self.l2.read(key)
         except L2Unavailable:
             self.stats.incr("l2_errors")
             return None
-        found = self._parse(key, raw, recheck, stamp, began)
+        found = self._parse(key, raw, recheck, stamp, began, wall)
         self.stats.observe("redis", time.perf_counter() - started)
         return found
 
-    def _read_l2_at(self, key: str) -> tuple[Found | None, int | None]:
+    def _read_l2_at(self, key: str, token: str = "") -> tuple[Found | None, int | None, int]:
         """:meth:`_read_l2` and Redis's clock before the read (µs), in one round trip.
 
-        For a refresh: the clock is the instant its load begins (see ``after_fill``).
+        For a refresh task: the clock is the instant its load begins (see ``after_fill``).
+        With the ``token`` it was sent under, it also claims that lock (see
+        ``L2Store.claim_read``); the third value says how that went (1 claimed, 0 no lock, -1
+        another holder; 0 without a token).
         """
         if self.l2 is None:
-            return None, None
-        stamp = self.stamp(key)
-        began = time.monotonic()
+            return None, None, 0
+        stamp, began, wall = self.start(key)
+        claim = 0
         try:
-            raw, now_us = self.l2.read_at(key)
+            if token:
+                lock_ttl = self.opts.stampede.lock_ttl
+                raw, now_us, claim = self.l2.claim_read(key, token, lock_ttl)
+            else:
+                raw, now_us = self.l2.read_at(key)
         except L2Unavailable:
             self.stats.incr("l2_errors")
-            return None, None
-        return self._parse(key, raw, False, stamp, began), now_us
+            return None, None, 0
+        return self._parse(key, raw, False, stamp, began, wall), now_us, claim
+
+    def start(self, key: str) -> tuple[int, float, float]:
+        """Taken before a read of L2 a load may be based on: ``key``'s L1 generation, the
+        monotonic time and the cache's clock (see :class:`Basis`)."""
+        return self.stamp(key), time.monotonic(), self.clock()
 
     def stamp(self, key: str) -> int:
         """``key``'s L1 generation: take it before reading L2, pass it to :meth:`_put_l1`."""
         return self.l1.stamp(key) if self.l1 is not None else 0
 
     def _parse(
-        self, key: str, raw: bytes | None, recheck: bool, stamp: int, began: float
+        self,
+        key: str,
+        raw: bytes | None,
+        recheck: bool,
+        stamp: int,
+        began: float,
+        wall: float = 0.0,
     ) -> Found:
         """Decode an envelope read from L2 (``None``: absent). Corrupt data is a miss.
 
@@ -295,17 +318,17 @@ class CacheStack:
         before the read.
         """
         if raw is None:
-            return Found(None, NO_VERSION, stamp, began)
+            return Found(None, NO_VERSION, stamp, began, wall)
         try:
             entry, codec_id, payload = unpack(raw)
             if entry.tombstone:
-                return Found(None, entry.version, stamp, began)
+                return Found(None, entry.version, stamp, began, wall)
             if codec_id != self.codec.codec_id:
                 raise Corrupt(f"codec id {codec_id}")
             entry.value = self.codec.decode(payload)
         except (Corrupt, ValueError, TypeError) as exc:
             if recheck:
-                return Found(None, raw[2:10], stamp, began)
+                return Found(None, raw[2:10], stamp, began, wall)
             self.stats.incr("corrupt")
             log.warning(
                 "cache %s: unreadable L2 entry for %s treated as a miss (%s)",
@@ -313,8 +336,8 @@ class CacheStack:
                 printable(key),
                 exc,
             )
-            return Found(None, raw[2:10], stamp, began)
-        return Found(entry, entry.version, stamp, began)
+            return Found(None, raw[2:10], stamp, began, wall)
+        return Found(entry, entry.version, stamp, began, wall)
 
     def _slide(self, key: str, entry: Entry, now: float) -> Entry:
         """Sliding strategy: push the entry's freshness forward in L2 (best effort)."""
@@ -430,11 +453,12 @@ class CacheStack:
 
     # Auto-recovery (P14): what L2 could not take is kept by the runtime's recovery queue.
 
-    def _defer_release(self, key: str, token: str) -> None:
-        """Release ``key``'s lock ``token`` once Redis answers (the request may have landed)."""
+    def _defer_release(self, key: str, token: str, lock: str = "l") -> None:
+        """Release ``key``'s lock ``token`` once Redis answers (the request may have landed);
+        ``lock`` names which of the key's locks (see ``Recovery.defer_release``)."""
         recovery = self.runtime.recovery if self.runtime is not None else None
         if recovery is not None:
-            recovery.defer_release(self, key, token)
+            recovery.defer_release(self, key, token, lock)
 
     def _defer_write(self, key: str, entry: Entry, envelope: bytes, ttl: float) -> None:
         """A set (or a delete's tombstone) L2 could not take: replay it when it answers."""

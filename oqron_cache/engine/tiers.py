@@ -205,9 +205,18 @@ class L2Store(Protocol):
         ...
 
     def acquire_or_read(
-        self, key: str, token: str, ttl: float
+        self,
+        key: str,
+        token: str,
+        ttl: float,
+        phase: str = "r",
+        take_over: bool = False,
     ) -> tuple[bool, bytes | None, int, float]:
         """:meth:`acquire` and :meth:`read` in one atomic step: ``(won, raw, now_us, held)``.
+
+        The lock is taken in ``phase`` (``"r"`` computing, ``"q"`` a refresh task queued);
+        ``take_over`` (a cold load) also takes a lock held in phase ``"q"`` or ``"f"`` (a
+        failed refresh's throttle), since nothing computes under those.
 
         ``won``: ``token`` took the lock. ``raw``: the envelope (or ``None``) at that moment,
         so a winner can see the key was filled meanwhile and a loser can serve the fill.
@@ -229,12 +238,20 @@ class L2Store(Protocol):
         """
         ...
 
-    def hold(self, key: str, token: str, ttl: float) -> bool:
-        """Reset the TTL of ``key``'s lock to ``ttl`` seconds if ``token`` holds it.
+    def hold(self, key: str, token: str, ttl: float, phase: str = "") -> bool:
+        """Reset the TTL of ``key``'s lock to ``ttl`` seconds if ``token`` holds it, and its
+        phase if given.
 
         True if it did; another holder's lock is left as it is. A failed refresh keeps its
-        lock this way, so the lock throttles further refreshes of the key in every process.
+        lock this way (phase ``"f"``), so the lock throttles further refreshes of the key in
+        every process without making cold loads wait for it.
         """
+        ...
+
+    def claim_read(self, key: str, token: str, ttl: float) -> tuple[bytes | None, int, int]:
+        """A refresh task starts: claim its lock ``token`` (phase ``"r"``, ``ttl``) and read
+        the entry and the clock: ``(raw, now_us, claim)``, ``claim`` 1 claimed, 0 no lock
+        any more, -1 another holder has it."""
         ...
 
     def fill(

@@ -47,9 +47,9 @@ class Basis:
     """What a load is based on: the read of L2 whose entry its value replaces.
 
     ``seen`` is the entry version read (``NO_VERSION``: none); ``stamp`` the key's L1
-    generation before the read; ``began`` ``time.monotonic()`` before the read; ``started_us``
-    Redis's clock at the read when known (else derived from the fill's clock and the age);
-    ``token`` the key's lock, if this load holds it.
+    generation before the read; ``began`` ``time.monotonic()`` and ``wall`` the cache's clock
+    before the read (0: not known); ``started_us`` Redis's clock at the read when known (else
+    derived from the fill's clock and the age); ``token`` the key's lock, if this load holds it.
     """
 
     seen: bytes = NO_VERSION
@@ -57,16 +57,26 @@ class Basis:
     began: float = 0.0
     started_us: int | None = None
     token: str = ""
+    wall: float = 0.0
 
 
 def make_entry(
-    stack: CacheStack, key: str, value: Any, delta: float, written: bool = False
+    stack: CacheStack,
+    key: str,
+    value: Any,
+    delta: float,
+    written: bool = False,
+    began: float = 0.0,
 ) -> Entry:
+    """A new entry of ``value``, fresh for ``ttl`` from now. Its ``created_at`` is when the
+    value was made: now for a write; for a fill, ``began``, when its load began (a write-through
+    cache link yields to a fill only if that fill began after the origin write).
+    """
     now = stack.clock()
     fresh_until = now + stack.opts.ttl
     return Entry(
         value,
-        now,
+        began or now,
         fresh_until,
         fresh_until + stack.opts.stale_ttl,
         new_version(),
@@ -126,7 +136,7 @@ def store(
     """
     token = basis.token
     try:
-        entry = make_entry(stack, key, value, delta)
+        entry = make_entry(stack, key, value, delta, began=basis.wall)
         # Encoded even without L2: the same values are cacheable whatever the tiers, and
         # max_value_bytes bounds L1 too (P9).
         envelope = encode(stack, key, entry)
@@ -139,7 +149,7 @@ def store(
             stack._release(key, token)
         return OVERSIZE
     if stack.l2 is not None:
-        age = time.monotonic() - basis.began
+        age = _age(basis)
         try:
             outcome, now_us = stack.l2.fill(
                 key,
@@ -178,6 +188,11 @@ def store(
                 return WITHDRAWN  # a pattern/tag invalidation raced the load
     stack._put_l1(key, entry, basis.stamp)
     return STORED
+
+
+def _age(basis: Basis) -> float:
+    """How long ago the load began (0 if not known)."""
+    return max(0.0, time.monotonic() - basis.began) if basis.began else 0.0
 
 
 def write(stack: CacheStack, key: str, value: Any) -> None:

@@ -37,8 +37,11 @@ if seen == ARGV[1] then
     written = 1
   end
 end
-if ARGV[4] ~= '' and redis.call('GET', KEYS[2]) == ARGV[4] then
-  redis.call('DEL', KEYS[2])
+if ARGV[4] ~= '' then
+  local held = redis.call('GET', KEYS[2])
+  if held and string.sub(held, 2) == ARGV[4] then
+    redis.call('DEL', KEYS[2])
+  end
 end
 local t = redis.call('TIME')
 return {written, tonumber(t[1]) * 1000000 + tonumber(t[2])}
@@ -64,23 +67,67 @@ local t = redis.call('TIME')
 return {t[1], t[2], redis.call('GET', KEYS[1])}
 """
 
+# A lock's value is its phase (one character) followed by its holder's token:
+#   r  someone is computing the value (a cold load, a refresh running in a process or worker)
+#   q  a refresh task was sent and no worker has started it yet
+#   f  the last refresh failed: the lock only throttles further refreshes until it expires
+# Only "r" is worth waiting for: a cold load takes over a "q" or "f" lock (the queued task then
+# finds its lock taken and stands down), so no read waits out a lock that nothing computes.
+# Scripts that check the holder compare the token, whatever the phase.
+
 # KEYS[1] - the entry's value key
 # KEYS[2] - the entry's lock key
 # ARGV[1] - the caller's lock token
 # ARGV[2] - lock TTL, ms
+# ARGV[3] - the phase the caller takes it in ('r' or 'q')
+# ARGV[4] - '1': take over a lock in phase 'q' or 'f' (a cold load), else '0'
 # Try to take the lock and, in the same round trip, read the entry: a waiter learns whether a
 # holder filled it already, a winner double-checks before running the resolver.
 # Returns {1 if the lock was taken else 0, the envelope or nil, Redis time in µs, the lock's
-# remaining ms (when not taken: when it is worth asking again)}.
+# remaining ms (when not taken: when it is worth asking again), the holder's phase ('' if
+# taken)}.
 ACQUIRE_OR_READ = """
-local won = redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2])
+local mine = ARGV[3] .. ARGV[1]
+local won = redis.call('SET', KEYS[2], mine, 'NX', 'PX', ARGV[2])
+local phase = ''
+if not won then
+  local held = redis.call('GET', KEYS[2])
+  if held then phase = string.sub(held, 1, 1) end
+  if ARGV[4] == '1' and (phase == 'q' or phase == 'f') then
+    redis.call('SET', KEYS[2], mine, 'PX', ARGV[2])
+    won = true
+    phase = ''
+  end
+end
 local cur = redis.call('GET', KEYS[1])
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 if won then
-  return {1, cur, now, tonumber(ARGV[2])}
+  return {1, cur, now, tonumber(ARGV[2]), ''}
 end
-return {0, cur, now, redis.call('PTTL', KEYS[2])}
+return {0, cur, now, redis.call('PTTL', KEYS[2]), phase}
+"""
+
+# KEYS[1] - the entry's value key
+# KEYS[2] - the entry's lock key
+# ARGV[1] - the token of the refresh task's lock
+# ARGV[2] - lock TTL, ms
+# A worker starts a refresh: claim the lock it was sent under (phase 'q' becomes 'r', for a new
+# lock_ttl) and read the clock and the entry, in one round trip. Returns {seconds, µs, the
+# envelope or false, 1 claimed | 0 no lock any more | -1 someone else holds it}.
+CLAIM_READ = """
+local claim = 0
+local held = redis.call('GET', KEYS[2])
+if held then
+  if held == ARGV[1] or string.sub(held, 2) == ARGV[1] then
+    redis.call('SET', KEYS[2], 'r' .. ARGV[1], 'PX', ARGV[2])
+    claim = 1
+  else
+    claim = -1
+  end
+end
+local t = redis.call('TIME')
+return {t[1], t[2], redis.call('GET', KEYS[1]), claim}
 """
 
 # KEYS[1] - the entry's value key
@@ -100,9 +147,10 @@ return 1
 
 # KEYS[1] - the lock key
 # ARGV[1] - the token of the holder
-# Compare-and-delete: a holder can only release its own lock.
+# Compare-and-delete: a holder can only release its own lock (in whatever phase).
 RELEASE = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then
+local held = redis.call('GET', KEYS[1])
+if held and (held == ARGV[1] or string.sub(held, 2) == ARGV[1]) then
   return redis.call('DEL', KEYS[1])
 end
 return 0
@@ -111,9 +159,15 @@ return 0
 # KEYS[1] - the lock key
 # ARGV[1] - the token of the holder
 # ARGV[2] - new TTL, ms
-# Compare-and-extend: used to keep a failed key's lock as a refresh throttle.
+# ARGV[3] - the new phase ('' = keep it)
+# Compare-and-extend: keeps a failed refresh's lock as a throttle ('f'), or marks a refresh that
+# runs in this process after all ('r').
 EXTEND = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then
+local held = redis.call('GET', KEYS[1])
+if held and (held == ARGV[1] or string.sub(held, 2) == ARGV[1]) then
+  if ARGV[3] ~= '' then
+    return redis.call('SET', KEYS[1], ARGV[3] .. ARGV[1], 'PX', ARGV[2]) and 1 or 0
+  end
   return redis.call('PEXPIRE', KEYS[1], ARGV[2])
 end
 return 0
@@ -254,21 +308,24 @@ return 0
 # ARGV[6] - the new envelope's version (8 bytes)
 # ARGV[7] - the version as hex (the outcome's field)
 # ARGV[8] - how long outcomes are kept, ms
+# ARGV[9] - when the origin accepted this write (seconds, the worker's wall clock)
 # Write-through's cache link: write unless a newer write reached the origin, or a newer write (or
-# delete) is already in the cache; a fill never blocks it, whatever its created_at (a fill's
-# value was read from the origin at an unknown time, perhaps before this write). Record the
-# outcome "ok" either way, announce. Idempotent: a redelivered link rewrites the same entry.
+# delete) is already in the cache, or a fill whose load began after the origin accepted this
+# write (it read this value or a newer one; a fill's created_at is when its load began). A fill
+# that began before it read the origin before this write, and is replaced. Record the outcome
+# "ok" either way, announce. Idempotent: a redelivered link rewrites the same entry.
 PUT_IF_NEWER = """
 local cur = redis.call('GET', KEYS[1])
 local write = true
 local hw = tonumber(redis.call('HGET', KEYS[2], 'hw') or '-1')
 if hw > tonumber(ARGV[3]) then
   write = false
-elseif cur and string.len(cur) >= 44 and string.sub(cur, 3, 10) ~= ARGV[6]
-    and bit.band(string.byte(cur, 2), 3) ~= 0 then
+elseif cur and string.len(cur) >= 44 and string.sub(cur, 3, 10) ~= ARGV[6] then
   local created = struct.unpack('>d', string.sub(cur, 11, 18))
-  if created > tonumber(ARGV[3]) then
-    write = false
+  if bit.band(string.byte(cur, 2), 3) ~= 0 then
+    write = created <= tonumber(ARGV[3])
+  else
+    write = created <= tonumber(ARGV[9])
   end
 end
 if write then
@@ -338,15 +395,18 @@ return 'wait'
 # ARGV[2] - the write's version hex
 # ARGV[3] - the write's created_at
 # ARGV[4] - how long outcomes are kept, ms
-# After an origin write: record it (and the high-water mark), release the lock.
+# ARGV[5] - when the origin accepted it (seconds, wall clock)
+# After an origin write: record it, when (field "t" .. version, for a redelivered cache link),
+# and the high-water mark; release the lock.
 ORIGIN_DONE = """
-redis.call('HSET', KEYS[1], ARGV[2], 'origin')
+redis.call('HSET', KEYS[1], ARGV[2], 'origin', 't' .. ARGV[2], ARGV[5])
 local hw = tonumber(redis.call('HGET', KEYS[1], 'hw') or '-1')
 if tonumber(ARGV[3]) > hw then
   redis.call('HSET', KEYS[1], 'hw', ARGV[3])
 end
 redis.call('PEXPIRE', KEYS[1], ARGV[4])
-if redis.call('GET', KEYS[2]) == ARGV[1] then
+local held = redis.call('GET', KEYS[2])
+if held and (held == ARGV[1] or string.sub(held, 2) == ARGV[1]) then
   redis.call('DEL', KEYS[2])
 end
 return 1

@@ -39,6 +39,10 @@ class L2Unavailable(Exception):
     """Internal: L2 could not do what was asked (down, slow, OOM, read-only, circuit open)."""
 
 
+# The phases of a lock (see the scripts): the first character of its value.
+COMPUTING, QUEUED, FAILED = "r", "q", "f"
+
+
 def _ms(seconds: float) -> int:
     return max(1, int(seconds * 1000))
 
@@ -74,6 +78,7 @@ class RedisConn:
         self.origin_begin_script = client.register_script(scripts.ORIGIN_BEGIN)
         self.origin_done_script = client.register_script(scripts.ORIGIN_DONE)
         self.read_at_script = client.register_script(scripts.READ_AT)
+        self.claim_read_script = client.register_script(scripts.CLAIM_READ)
 
     def primaries(self) -> list[redis.Redis]:
         """A client of each primary: the client itself on one server, one per cluster node."""
@@ -181,26 +186,46 @@ class RedisStore:
         return cast("bytes | None", raw), int(seconds) * 1_000_000 + int(micros)
 
     def acquire(self, key: str, token: str, ttl: float) -> bool:
-        """Try to take ``key``'s lock (``SET NX PX``); True if this caller now holds it."""
+        """Try to take ``key``'s lock (``SET NX PX``, phase "r"); True if this caller holds it."""
         ok = self.conn.run(
-            self.conn.client.set, self.keys.lock(key), token, nx=True, px=max(1, int(ttl * 1000))
+            self.conn.client.set, self.keys.lock(key), COMPUTING + token, nx=True, px=_ms(ttl)
         )
         return bool(ok)
 
     def acquire_or_read(
-        self, key: str, token: str, ttl: float
+        self,
+        key: str,
+        token: str,
+        ttl: float,
+        phase: str = COMPUTING,
+        take_over: bool = False,
     ) -> tuple[bool, bytes | None, int, float]:
-        """Try to take ``key``'s lock and read its envelope, in one round trip.
+        """Try to take ``key``'s lock in ``phase`` and read its envelope, in one round trip.
 
-        Also returns Redis's clock (µs): the instant a load that follows begins, comparable
-        with the instants invalidations are recorded at; and the seconds the lock is held for
-        (``ttl`` if taken, else what is left of the holder's).
+        With ``take_over`` (a cold load) a lock held by a queued refresh or a failed one's
+        throttle is taken over: only a lock whose holder computes is waited for (see the lock
+        phases in :mod:`.scripts`). Also returns Redis's clock (µs): the instant a load that
+        follows begins, comparable with the instants invalidations are recorded at; and the
+        seconds the lock is held for (``ttl`` if taken, else what is left of the holder's).
         """
         keys = [self.keys.value(key), self.keys.lock(key)]
-        reply = self.conn.run(self.conn.acquire_script, keys=keys, args=[token, _ms(ttl)])
-        won, raw, now, left_ms = cast("list[Any]", reply)
+        args = [token, _ms(ttl), phase, "1" if take_over else "0"]
+        reply = self.conn.run(self.conn.acquire_script, keys=keys, args=args)
+        won, raw, now, left_ms, _phase = cast("list[Any]", reply)
         left = int(left_ms) / 1000 if int(left_ms) > 0 else ttl  # -1: no TTL (not ours)
         return bool(won), raw, int(now), left
+
+    def claim_read(self, key: str, token: str, ttl: float) -> tuple[bytes | None, int, int]:
+        """A worker starts the refresh it was sent under lock ``token``: claim the lock (its
+        phase becomes "r" for ``ttl``) and read the entry and Redis's clock, in one round trip.
+
+        Returns ``(envelope or None, now_us, claim)``: ``claim`` is 1 if claimed, 0 if the lock
+        is gone (expired), -1 if someone else holds it (a cold load took it over).
+        """
+        keys = [self.keys.value(key), self.keys.lock(key)]
+        reply = self.conn.run(self.conn.claim_read_script, keys=keys, args=[token, _ms(ttl)])
+        seconds, micros, found, claim = cast("list[Any]", reply)
+        return found or None, int(seconds) * 1_000_000 + int(micros), int(claim)
 
     def now_us(self) -> int:
         """Redis's clock, in µs."""
@@ -213,13 +238,14 @@ class RedisStore:
             self.conn.run(self.conn.release_script, keys=[self.keys.lock(key)], args=[token])
         )
 
-    def hold(self, key: str, token: str, ttl: float) -> bool:
-        """Extend ``key``'s lock to ``ttl`` seconds if ``token`` still owns it."""
+    def hold(self, key: str, token: str, ttl: float, phase: str = "") -> bool:
+        """Extend ``key``'s lock to ``ttl`` seconds if ``token`` still owns it; with ``phase``,
+        mark it so (``FAILED``: only a throttle now; ``COMPUTING``)."""
         return bool(
             self.conn.run(
                 self.conn.extend_script,
                 keys=[self.keys.lock(key)],
-                args=[token, max(1, int(ttl * 1000))],
+                args=[token, _ms(ttl), phase],
             )
         )
 

@@ -329,6 +329,34 @@ class L2StoreContract:
         won, raw, _, _ = store.acquire_or_read("absent", "winner", 5.0)
         assert (won, raw) == (True, None)
 
+    def test_a_cold_load_takes_over_only_a_lock_nobody_computes_under(
+        self, store: L2Store
+    ) -> None:
+        assert store.acquire_or_read("q", "queued", 30.0, "q")[0]  # a refresh task is queued
+        assert not store.acquire_or_read("q", "refresh", 30.0, "q")[0]  # no other refresh
+        assert store.acquire_or_read("q", "cold", 30.0, take_over=True)[0]  # a cold load
+        assert not store.acquire_or_read("q", "cold2", 30.0, take_over=True)[0]  # computing
+        assert not store.release("q", "queued")
+        assert store.release("q", "cold")
+        assert store.acquire("f", "failed", 30.0)
+        assert store.hold("f", "failed", 30.0, "f")  # a failed refresh's throttle
+        assert not store.acquire_or_read("f", "refresh", 30.0, "q")[0]  # throttled
+        assert store.acquire_or_read("f", "cold", 30.0, take_over=True)[0]
+
+    def test_claim_read_claims_only_the_tasks_own_lock(self, store: L2Store) -> None:
+        envelope = _envelope()
+        store.put("k", envelope, 60, b"m")
+        assert store.acquire_or_read("k", "task", 0.5, "q")[0]
+        raw, now_us, claim = store.claim_read("k", "task", 30.0)
+        assert (raw, claim) == (envelope, 1)
+        assert abs(now_us / 1e6 - time.time()) < 60
+        assert 25 < self._lock_left(store, "k") <= 30  # claimed for a new lock_ttl
+        assert not store.acquire_or_read("k", "cold", 30.0, take_over=True)[0]  # it computes
+        assert store.claim_read("k", "another", 30.0)[2] == -1
+        assert store.release("k", "task")
+        assert store.claim_read("k", "task", 30.0)[2] == 0  # gone: no lock is taken either
+        assert store.acquire("k", "next", 30.0)
+
     def test_read_at_returns_the_entry_and_the_servers_clock_in_us(self, store: L2Store) -> None:
         envelope = _envelope()
         store.put("k", envelope, 60, b"m")
