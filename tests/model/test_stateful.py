@@ -87,6 +87,9 @@ class Held:
     began: float = 0.0
     op: Op | None = None
 
+    def is_get(self, cache: str, key: str) -> bool:
+        return (self.kind, self.cache, self.key) == ("get", cache, key)
+
 
 def check_duration(what: str, seconds: float) -> None:
     if seconds > MAX_CALL_SECONDS:
@@ -113,7 +116,7 @@ class CacheModel(RuleBasedStateMachine):
 
     @rule(proc=procs, cache=caches, key=keys)
     def get(self, proc: str, cache: str, key: str) -> None:
-        if proc == "A" and self.slow is not None and self.held == Held("get", cache, key):
+        if self.slow is not None and proc == "A" and self.held.is_get(cache, key):
             self.slow_finish()  # a read of the same key would wait for the held one (single-flight)
         self.sys.barrier(proc)  # the bus delay: what was published before the read is delivered
         seen = self.sys.oracle.snapshot(proc)
@@ -378,6 +381,11 @@ def test_model(system: System) -> None:
             derandomize=SEED is None,
             suppress_health_check=list(HealthCheck),
             print_blob=True,
-            phases=list(Phase) if SHRINK else [Phase.explicit, Phase.reuse, Phase.generate],
+            phases=[
+                Phase.explicit,
+                Phase.reuse,
+                Phase.generate,
+                *([Phase.shrink] if SHRINK else []),
+            ],
         ),
     )
