@@ -7,17 +7,26 @@ Every value the system can return is a dict stamped by whoever made it::
 ``r`` comes from one logical counter (:meth:`Oracle.tick`) shared by both processes: a resolver
 takes a stamp when it reads the origin, a ``set()`` / ``delete()`` / invalidation takes one when
 it begins and another when it returns. The model's ``set()`` is what an application does: it
-writes the origin (a new version) and then the cache, so a set's value is stamped when the set
-begins, like a load's when it reads the origin. A value is *older* than an operation X when its
-stamp precedes X's beginning. P5 then reads: a get that began after X returned (and, in another
-process, after the bus delivered X) never returns a value older than X that X covers (its key,
-its pattern, or its tag).
+writes the origin (a new version) and then the cache, so its value is stamped when it begins.
+
+When is a value *obsolete* after an operation X (that returned before a read began and, in the
+other process, was delivered by the bus)?
+
+* X is a ``set()``: the value's stamp precedes X's beginning (a load that read the origin
+  before X wrote it, or an earlier set: the origin's order is the sets' order).
+* X is a ``delete()`` or an invalidation: a loaded value read the origin before X began (DESIGN
+  section 5: nothing loaded before the call began is served after it returns); a set's value
+  is obsolete only if that set had returned before X began (an overlapping set may come after).
+
+P5: no read returns an obsolete value that X covers (its key, its pattern, or its tag). P7: no
+L1 holds one, servable, once the bus has delivered X.
 
 Each promise that can break has its own exception type, so Hypothesis reports each separately.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 from typing import Any
@@ -181,6 +190,7 @@ class Oracle:
     seq: int = 0
     ops: list[Op] = field(default_factory=list)
     visible: dict[str, set[int]] = field(default_factory=lambda: {p: set() for p in PROCS})
+    set_done: dict[int, int] = field(default_factory=dict)  # a set's start stamp -> end stamp
     last_served: dict[tuple[str, str, int], float] = field(default_factory=dict)
 
     def tick(self) -> int:
@@ -195,6 +205,8 @@ class Oracle:
     def end(self, op: Op) -> None:
         op.end = self.tick()
         self.visible[op.proc].add(op.ident)
+        if op.kind == "set":
+            self.set_done[op.start] = op.end
 
     def delivered(self, proc: str) -> None:
         """The bus delivered to ``proc`` everything published so far: all completed ops count."""
@@ -205,10 +217,13 @@ class Oracle:
 
     def obsoleted_by(self, value: Any, seen: frozenset[int]) -> Op | None:
         """The first operation in ``seen`` that makes ``value`` obsolete, if any."""
-        made = int(value["r"])
+        stamp = int(value["r"])
+        # For a delete or an invalidation: when the value was in the cache for sure.
+        settled = self.set_done.get(stamp, math.inf) if value["w"] else stamp
         for ident in sorted(seen):
             op = self.ops[ident]
-            if op.start > made and op.covers(value):
+            before = stamp < op.start if op.kind == "set" else settled < op.start
+            if before and op.covers(value):
                 return op
         return None
 

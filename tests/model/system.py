@@ -203,8 +203,9 @@ class System:
     def check_coherence(self, states: dict[str, dict[str, Any]]) -> None:
         """Nothing in flight, both buses delivered: no servable L1 copy is behind L2.
 
-        The message that announced L2's newer entry (or its tombstone) must have evicted the
-        copy. (A copy *ahead* of L2 is no fault: a process that could not reach L2 loaded it.)
+        *Behind*: L2 holds a newer origin version. The message that announced L2's entry must
+        have evicted the copy. (A copy *ahead* of L2 is no fault: a process that could not
+        reach L2 loaded it.)
         """
         now = self.clock.now
         for proc, state in states.items():
@@ -215,7 +216,7 @@ class System:
                     live = self.view.entry(cache, key)
                     if live is None or live[1] is None:
                         continue  # gone or a tombstone: P7 judges the copy by the operations
-                    if live[0] != version and live[1]["r"] > value["r"]:
+                    if live[1]["v"] > value["v"]:
                         raise CoherenceBroken(
                             f"{proc}'s L1 of {cache} holds {key}={value!r} (version "
                             f"{version}) but L2 holds the newer {live[1]!r} (version {live[0]})"
