@@ -25,7 +25,15 @@ from oqron_cache.config import current_runtime, reset
 from oqron_cache.task_bodies import do_refresh
 from oqron_cache.testing import FakeClock
 from tests.model.oracle import OP_TIMEOUT, make_value
-from tests.model.world import Origin, OriginError, Slot, bus_barrier, declare, l1_state
+from tests.model.world import (
+    Origin,
+    OriginError,
+    Slot,
+    bus_barrier,
+    declare,
+    l1_state,
+    settle,
+)
 
 Context = tuple[float, int, dict[Slot, int], set[Slot]]
 
@@ -125,6 +133,9 @@ class PeerSide:
 
     def cmd_barrier(self, timeout: float) -> bool:
         return bus_barrier(timeout)
+
+    def cmd_settle(self, timeout: float) -> bool:
+        return settle(timeout)
 
     def cmd_state(self) -> dict[str, Any]:
         return l1_state(self.caches)

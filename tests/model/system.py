@@ -40,6 +40,7 @@ from tests.model.world import (
     bus_barrier,
     declare,
     l1_state,
+    settle,
 )
 from tests.redis_server import RedisServer
 
@@ -170,6 +171,12 @@ class System:
 
     def state(self, proc: str) -> dict[str, Any]:
         return l1_state(self.caches) if proc == "A" else dict(self.peer.call("state"))
+
+    def settle(self, timeout: float = HEALTHY_WAIT) -> bool:
+        """Both processes' breakers closed again (see :func:`tests.model.world.settle`)."""
+        self.peer.send("settle", timeout)
+        here = settle(timeout)
+        return bool(self.peer.receive("settle", timeout + 5.0)) and here
 
     def wait_healthy(self, timeout: float = HEALTHY_WAIT) -> bool:
         """Wait until both processes' buses are subscribed again (after Redis or a bus drop)."""

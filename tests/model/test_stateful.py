@@ -24,11 +24,12 @@ example would hit first.
 
 from __future__ import annotations
 
+import functools
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar, cast
 
 import pytest
 from hypothesis import HealthCheck, Phase, seed, settings
@@ -91,6 +92,36 @@ class Held:
         return (self.kind, self.cache, self.key) == ("get", cache, key)
 
 
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def logged(fn: F) -> F:
+    """Record the step (as Hypothesis prints it) and put the steps so far into any failure.
+
+    Hypothesis replays a failing example to print it; when timing makes the replay differ, the
+    steps that really failed are still in the message (``python -m tests.model.replay``).
+    """
+
+    @functools.wraps(fn)
+    def step(self: CacheModel, **kwargs: Any) -> Any:
+        top = self.depth == 0
+        if top and fn.__name__ != "promises_hold":
+            args = ", ".join(f"{name}={value!r}" for name, value in sorted(kwargs.items()))
+            self.steps.append(f"state.{fn.__name__}({args})")
+        self.depth += 1
+        try:
+            return fn(self, **kwargs)
+        except AssertionError as exc:
+            if top and not getattr(exc, "steps_noted", False):
+                exc.args = (f"{exc}\n  steps of this run:\n    " + "\n    ".join(self.steps),)
+                exc.steps_noted = True  # type: ignore[attr-defined]
+            raise
+        finally:
+            self.depth -= 1
+
+    return cast("F", step)
+
+
 def check_duration(what: str, seconds: float) -> None:
     if seconds > MAX_CALL_SECONDS:
         raise P2Broken(f"{what} took {seconds:.2f}s > {MAX_CALL_SECONDS:.2f}s")
@@ -104,6 +135,8 @@ class CacheModel(RuleBasedStateMachine):
         self.sys = system
         self.slow: SlowCall | None = None
         self.held = Held()
+        self.steps: list[str] = []
+        self.depth = 0
         system.begin()
 
     def teardown(self) -> None:
@@ -115,6 +148,7 @@ class CacheModel(RuleBasedStateMachine):
     # -- reads ----------------------------------------------------------------------------
 
     @rule(proc=procs, cache=caches, key=keys)
+    @logged
     def get(self, proc: str, cache: str, key: str) -> None:
         if self.slow is not None and proc == "A" and self.held.is_get(cache, key):
             self.slow_finish()  # a read of the same key would wait for the held one (single-flight)
@@ -180,24 +214,29 @@ class CacheModel(RuleBasedStateMachine):
         check_duration(what, elapsed)
 
     @rule(proc=procs, cache=caches, key=keys)
+    @logged
     def set(self, proc: str, cache: str, key: str) -> None:
         self._write(proc, "set", cache, key)
 
     @rule(proc=procs, cache=caches, key=keys)
+    @logged
     def delete(self, proc: str, cache: str, key: str) -> None:
         self._write(proc, "delete", cache, key)
 
     @rule(proc=procs, cache=caches, pattern=st.sampled_from(PATTERNS))
+    @logged
     def invalidate_pattern(self, proc: str, cache: str, pattern: str) -> None:
         self._write(proc, "pattern", cache, pattern)
 
     @rule(proc=procs, cache=caches, tag=st.sampled_from(TAGS))
+    @logged
     def invalidate_by_tag(self, proc: str, cache: str, tag: str) -> None:
         self._write(proc, "tag", cache, tag)
 
     # -- time and the origin ------------------------------------------------------------------
 
     @rule(seconds=steps)
+    @logged
     def advance_time(self, seconds: float) -> None:
         self.sys.clock.tick(seconds)
         if self.sys.redis == "up":
@@ -205,11 +244,13 @@ class CacheModel(RuleBasedStateMachine):
 
     @precondition(lambda self: "origin" in GROUPS)
     @rule(cache=caches, key=keys)
+    @logged
     def origin_change(self, cache: str, key: str) -> None:
         self.sys.origin.bump(cache, key)  # someone else wrote the origin; the cache is not told
 
     @precondition(lambda self: "origin" in GROUPS)
     @rule(cache=caches, key=keys, failing=st.booleans())
+    @logged
     def origin_fails(self, cache: str, key: str, failing: bool) -> None:
         if failing:
             self.sys.origin.failing.add((cache, key))
@@ -223,6 +264,7 @@ class CacheModel(RuleBasedStateMachine):
 
     @precondition(lambda self: "tasks" in GROUPS)
     @rule(index=st.integers(0, 7), where=procs, again=st.booleans())
+    @logged
     def run_task(self, index: int, where: str, again: bool) -> None:
         """Run a queued refresh task (any one: out of order); ``again`` keeps it queued."""
         tasks = self.sys.enqueuer.tasks
@@ -247,6 +289,7 @@ class CacheModel(RuleBasedStateMachine):
 
     @precondition(lambda self: "tasks" in GROUPS)
     @rule(index=st.integers(0, 7))
+    @logged
     def drop_task(self, index: int) -> None:
         """A lost task (broker or worker died): its lock stays until it expires."""
         tasks = self.sys.enqueuer.tasks
@@ -257,6 +300,7 @@ class CacheModel(RuleBasedStateMachine):
 
     @precondition(lambda self: "outage" in GROUPS and self.sys.redis == "up")
     @rule(mode=st.sampled_from(["kill", "pause"]))
+    @logged
     def redis_down(self, mode: str) -> None:
         if mode == "kill":
             self.sys.server.kill()
@@ -266,16 +310,20 @@ class CacheModel(RuleBasedStateMachine):
 
     @precondition(lambda self: self.sys.redis != "up")
     @rule()
+    @logged
     def redis_up(self) -> None:
         paused = self.sys.redis == "pause"
         self.sys.restore_redis()
         if paused:
             self.sys.check_locks()  # at once: requests queued during the pause have just run
+        if not self.sys.settle():
+            raise P2Broken("a circuit breaker stayed open 5 s after Redis came back")
         if not self.sys.wait_healthy():
             raise P7Broken("a bus did not resubscribe within 5 s of Redis coming back")
 
     @precondition(lambda self: "bus" in GROUPS and self.sys.redis == "up")
     @rule(wait=st.booleans())
+    @logged
     def bus_drop(self, wait: bool) -> None:
         """``CLIENT KILL TYPE pubsub``; ``wait``: until both buses are back (else go on)."""
         self.sys.view.kill_bus()
@@ -286,6 +334,7 @@ class CacheModel(RuleBasedStateMachine):
 
     @precondition(lambda self: "slow" in GROUPS)
     @rule(cache=caches, key=keys, where=st.sampled_from(WHERES))
+    @logged
     def slow_get(self, cache: str, key: str, where: str) -> None:
         """A get held at ``where`` (it goes on at ``slow_finish``, or when the next one starts)."""
         self.slow_finish()
@@ -300,6 +349,7 @@ class CacheModel(RuleBasedStateMachine):
 
     @precondition(lambda self: "slow" in GROUPS)
     @rule(cache=caches, key=keys)
+    @logged
     def slow_set(self, cache: str, key: str) -> None:
         """A set held between its L2 write and its L1 put."""
         self.slow_finish()
@@ -314,6 +364,7 @@ class CacheModel(RuleBasedStateMachine):
 
     @precondition(lambda self: "slow" in GROUPS)
     @rule()
+    @logged
     def slow_finish(self) -> None:
         call, self.slow = self.slow, None
         if call is None:
@@ -342,6 +393,7 @@ class CacheModel(RuleBasedStateMachine):
     # -- after every step ---------------------------------------------------------------------
 
     @invariant()
+    @logged
     def promises_hold(self) -> None:
         delivered = [self.sys.barrier(proc) for proc in PROCS]  # both, whatever the first says
         states = {proc: self.sys.state(proc) for proc in PROCS}

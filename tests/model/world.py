@@ -15,7 +15,9 @@ Process B (:mod:`.peer`) has no enqueuer: its dispatcher refreshes in its own th
 
 from __future__ import annotations
 
+import contextlib
 import secrets
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, cast
@@ -29,6 +31,7 @@ from oqron_cache.config import current_runtime
 from oqron_cache.entry import unpack
 from oqron_cache.keys import KeySpace
 from oqron_cache.serializers import get_codec
+from oqron_cache.tiers.redis import L2Unavailable
 from tests.model.oracle import (
     CACHES,
     FIXED,
@@ -130,6 +133,27 @@ def bus_barrier(timeout: float) -> bool:
         return bool(event.wait(timeout))
     finally:
         bus.waiters.unregister(MARKER, token, event)
+
+
+def settle(timeout: float) -> bool:
+    """After Redis came back: ping it through the library's breaker until the breaker closes.
+
+    The breaker waits out its cooldown (up to 5 s after repeated failures) before it lets a
+    call through; settling here makes the next step meet a recovered process every time.
+    """
+    runtime = current_runtime(create=False)
+    if runtime is None or runtime.conn is None:
+        return False
+    conn = runtime.conn
+    deadline = time.monotonic() + timeout
+    while True:
+        with contextlib.suppress(L2Unavailable):
+            conn.run(conn.client.ping)
+        if conn.breaker.state == "closed":
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.02)
 
 
 def l1_state(caches: dict[str, oqron_cache.Cache]) -> dict[str, Any]:
