@@ -46,6 +46,9 @@ L1_MAX = 3  # fewer than the keys: L1 evicts (P9)
 LOCK_TTL = 1.0  # real seconds (Redis PX and the waiters' deadline)
 OP_TIMEOUT = 0.1
 BOUND = TTL + STALE_TTL  # P3
+# P13: members one key may keep in one tag set (its entry, one being replaced, some slack); the
+# tag index of a key written n times without an invalidation must not hold n members.
+TAG_MEMBERS_PER_KEY = 4
 # P2: a read may wait out one lock held by a lost refresh, plus a few Redis timeouts; the rest
 # is slack for a loaded CI machine.
 MAX_CALL_SECONDS = LOCK_TTL + 6 * OP_TIMEOUT + 3.0
@@ -137,6 +140,10 @@ class P9Broken(PromiseBroken):
 
 class P14Broken(PromiseBroken):
     """A lock nobody holds (a lock request that timed out ran later)."""
+
+
+class P13Broken(PromiseBroken):
+    """Bounded cost: a malformed bus message dropped a bus, or a tag set keeps every version."""
 
 
 class WrongValue(PromiseBroken):

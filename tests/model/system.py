@@ -21,11 +21,13 @@ from tests.model.gates import GatedCodec, GatedL1, Gates
 from tests.model.oracle import (
     LOCK_TTL,
     OP_TIMEOUT,
+    TAG_MEMBERS_PER_KEY,
     CoherenceBroken,
     Oracle,
     P1Broken,
     P8Broken,
     P9Broken,
+    P13Broken,
     P14Broken,
     make_value,
     p7_error,
@@ -245,6 +247,15 @@ class System:
                 f"lock of {slot} (token {token[:8]}, {pttl} ms left) is held by nobody: no "
                 "task, no load in flight (a lock request that timed out ran later?)"
             )
+
+    def check_tag_sets(self) -> None:
+        """P13: the tag index does not keep every version a key ever had."""
+        for (tag_set, encoded), members in self.view.tag_members().items():
+            if members > TAG_MEMBERS_PER_KEY:
+                raise P13Broken(
+                    f"tag set {tag_set} holds {members} members for key {encoded!r} "
+                    f"(> {TAG_MEMBERS_PER_KEY}): old versions are never removed"
+                )
 
     def check_refusal(
         self, proc: str, cache: str, key: str, l2_errors: int, seen: frozenset[int]

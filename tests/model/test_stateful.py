@@ -18,8 +18,8 @@ Seeded and bounded for CI; longer on demand::
 
 ``OQRON_MODEL_SHRINK=0`` reports the first failure unshrunk (``python -m tests.model.replay``
 replays a step list). ``OQRON_MODEL_RULES=-outage,-slow`` leaves rule groups out (``peer``,
-``tasks``, ``outage``, ``bus``, ``slow``, ``origin``), to look past a known defect that an
-example would hit first.
+``tasks``, ``outage``, ``bus``, ``slow``, ``origin``, ``steady``), to look past a known defect
+that an example would hit first.
 """
 
 from __future__ import annotations
@@ -42,6 +42,7 @@ from hypothesis.stateful import (
     run_state_machine_as_test,
 )
 
+from oqron_cache.bus import encode_message
 from oqron_cache.config import current_runtime
 from oqron_cache.task_bodies import do_refresh
 from tests.model.gates import WHERES, SlowCall
@@ -56,16 +57,17 @@ from tests.model.oracle import (
     P1Broken,
     P2Broken,
     P7Broken,
+    P13Broken,
     make_value,
 )
 from tests.model.system import System
 from tests.model.world import OriginError
 
-EXAMPLES = int(os.environ.get("OQRON_MODEL_EXAMPLES", "12"))
-STEPS = int(os.environ.get("OQRON_MODEL_STEPS", "30"))
+EXAMPLES = int(os.environ.get("OQRON_MODEL_EXAMPLES", "60"))
+STEPS = int(os.environ.get("OQRON_MODEL_STEPS", "40"))
 SEED = os.environ.get("OQRON_MODEL_SEED")
 SHRINK = os.environ.get("OQRON_MODEL_SHRINK", "1") != "0"  # 0: report the first failure as found
-GROUPS = {"peer", "tasks", "outage", "bus", "slow", "origin"} - {
+GROUPS = {"peer", "tasks", "outage", "bus", "slow", "origin", "steady"} - {
     g.strip().lstrip("-") for g in os.environ.get("OQRON_MODEL_RULES", "").split(",") if g.strip()
 }
 
@@ -233,6 +235,15 @@ class CacheModel(RuleBasedStateMachine):
     def invalidate_by_tag(self, proc: str, cache: str, tag: str) -> None:
         self._write(proc, "tag", cache, tag)
 
+    @precondition(lambda self: "steady" in GROUPS)
+    @rule(proc=procs, cache=caches, key=keys, rounds=st.sampled_from([4, 8, 12]))
+    @logged
+    def read_steadily(self, proc: str, cache: str, key: str, rounds: int) -> None:
+        """A key read every 16 s (past L1's copy, within the ttl): sliding keeps it fresh."""
+        for _ in range(rounds):
+            self.advance_time(seconds=16.0)
+            self.get(proc=proc, cache=cache, key=key)
+
     # -- time and the origin ------------------------------------------------------------------
 
     @rule(seconds=steps)
@@ -330,6 +341,30 @@ class CacheModel(RuleBasedStateMachine):
         if wait and not self.sys.wait_healthy():
             raise P7Broken("a bus did not resubscribe within 5 s of losing its connection")
 
+    @precondition(lambda self: "bus" in GROUPS and self.sys.redis == "up")
+    @rule(cache=caches, kind=st.sampled_from(["junk", "nested", "bad-pattern", "bad-keys"]))
+    @logged
+    def forged_message(self, cache: str, kind: str) -> None:
+        """A malformed message on the bus (any service on this Redis can publish one)."""
+        before = {proc: self.sys.state(proc)["bus_reconnects"] for proc in PROCS}
+        data = {
+            "junk": b"\xff not json",
+            "nested": b"[" * 5000,
+            "bad-pattern": encode_message("forged", cache, "pattern", ["k["]),
+            "bad-keys": b'{"o":"forged","c":"%s","op":"evict","k":[1,2]}' % cache.encode(),
+        }[kind]
+        self.sys.view.publish(data)
+        for proc in PROCS:
+            self.sys.barrier(proc)
+        for proc in PROCS:
+            state = self.sys.state(proc)
+            if state["bus_reconnects"] != before[proc] or not state["bus_healthy"]:
+                raise P13Broken(
+                    f"a malformed bus message ({kind}) made {proc} drop its bus "
+                    f"(reconnects {before[proc]} -> {state['bus_reconnects']}, "
+                    f"healthy={state['bus_healthy']})"
+                )
+
     # -- a call held in a thread while other steps run ----------------------------------------
 
     @precondition(lambda self: "slow" in GROUPS)
@@ -401,6 +436,7 @@ class CacheModel(RuleBasedStateMachine):
             self.sys.check_l1(proc, state)
         if self.sys.redis == "up":
             self.sys.check_locks()
+            self.sys.check_tag_sets()
             if all(delivered) and self.slow is None:
                 self.sys.check_coherence(states)
 

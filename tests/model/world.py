@@ -171,6 +171,8 @@ def l1_state(caches: dict[str, oqron_cache.Cache]) -> dict[str, Any]:
     runtime = current_runtime(create=False)
     bus = runtime.bus if runtime is not None else None
     out["bus_healthy"] = bool(bus is not None and bus.healthy)
+    out["bus_reconnects"] = bus.reconnects if bus is not None else 0
+    out["bus_dropped"] = bus.dropped_messages if bus is not None else 0
     out["breaker"] = runtime.conn.breaker.state if runtime is not None and runtime.conn else "-"
     return out
 
@@ -230,6 +232,20 @@ class RedisView:
         if entry.tombstone:
             return entry.version.hex(), None, entry.stale_until
         return entry.version.hex(), self.codec.decode(payload), entry.stale_until
+
+    def tag_members(self) -> dict[tuple[str, str], int]:
+        """Per (tag set key, encoded key): how many members (versions) the tag index holds."""
+        counts: dict[tuple[str, str], int] = {}
+        for raw in self.client.scan_iter(match=f"oqron:{self.namespace}:*tag:*", count=1000):
+            for member in cast("set[bytes]", self.client.smembers(raw)):
+                encoded = member.decode("utf-8", "surrogateescape").rpartition("|")[0]
+                slot = (raw.decode(), encoded)
+                counts[slot] = counts.get(slot, 0) + 1
+        return counts
+
+    def publish(self, data: bytes) -> None:
+        """Put ``data`` on the namespace's bus channel, as any service on this Redis can."""
+        self.client.publish(f"oqron:{self.namespace}:bus", data)
 
     def kill_bus(self) -> int:
         """``CLIENT KILL TYPE pubsub``: every process's bus connection drops."""
