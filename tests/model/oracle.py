@@ -27,6 +27,7 @@ Each promise that can break has its own exception type, so Hypothesis reports ea
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 from typing import Any
@@ -56,6 +57,17 @@ MAX_CALL_SECONDS = LOCK_TTL + 6 * OP_TIMEOUT + 3.0
 
 class PromiseBroken(AssertionError):
     """A promise of DESIGN section 8 does not hold."""
+
+
+# For looking past a known defect while exploring (never in CI): exception class names, e.g.
+# OQRON_MODEL_IGNORE=P13Broken,P3Broken. A check whose class (or a base) is named is skipped.
+IGNORED = frozenset(n.strip() for n in os.environ.get("OQRON_MODEL_IGNORE", "").split(",") if n)
+
+
+def breach(error: PromiseBroken) -> None:
+    """Raise ``error``, unless its promise is being ignored (see ``IGNORED``)."""
+    if not IGNORED.intersection(cls.__name__ for cls in type(error).__mro__):
+        raise error
 
 
 class P1Broken(PromiseBroken):
@@ -143,7 +155,19 @@ class P14Broken(PromiseBroken):
 
 
 class P13Broken(PromiseBroken):
-    """Bounded cost: a malformed bus message dropped a bus, or a tag set keeps every version."""
+    """Bounded cost for any input (DESIGN section 13)."""
+
+
+class P13BusDropped(P13Broken):
+    """A malformed bus message was taken for a lost connection."""
+
+
+class P13TagSetGrows(P13Broken):
+    """A tag set keeps a member for every version a key ever had."""
+
+
+class P1Refusal(P1Broken):
+    """The resolver's error reached a caller although a servable value existed."""
 
 
 class WrongValue(PromiseBroken):
@@ -249,15 +273,19 @@ class Oracle:
             raise WrongValue(f"{who} get({cache}, {key!r}) returned {value!r}")
         born = self.age_origin(cache, value)
         if now >= born + BOUND:
-            raise P3Broken(
-                f"{who} get({cache}, {key!r}) at t={now:.1f} returned {value!r}, "
-                f"{now - born:.1f}s old > ttl + stale_ttl = {BOUND}"
+            breach(
+                P3Broken(
+                    f"{who} get({cache}, {key!r}) at t={now:.1f} returned {value!r}, "
+                    f"{now - born:.1f}s old > ttl + stale_ttl = {BOUND}"
+                )
             )
         op = self.obsoleted_by(value, seen)
         if op is not None:
-            raise p5_error(op)(
-                f"{who} get({cache}, {key!r}) returned {value!r} (stamp {value['r']}), "
-                f"older than {op}, which completed (and was delivered) before the read began"
+            breach(
+                p5_error(op)(
+                    f"{who} get({cache}, {key!r}) returned {value!r} (stamp {value['r']}), "
+                    f"older than {op}, which completed (and was delivered) before the read began"
+                )
             )
         slot = (cache, key, int(value["r"]))
         self.last_served[slot] = max(self.last_served.get(slot, now), now)

@@ -24,11 +24,12 @@ from tests.model.oracle import (
     TAG_MEMBERS_PER_KEY,
     CoherenceBroken,
     Oracle,
-    P1Broken,
+    P1Refusal,
     P8Broken,
     P9Broken,
-    P13Broken,
+    P13TagSetGrows,
     P14Broken,
+    breach,
     make_value,
     p7_error,
 )
@@ -198,15 +199,17 @@ class System:
         for cache, copies in state["copies"].items():
             size, bound = state["sizes"][cache]
             if size > bound:
-                raise P9Broken(f"{proc}'s L1 of {cache} holds {size} entries > max_size {bound}")
+                breach(P9Broken(f"{proc}'s L1 of {cache} holds {size} entries > max_size {bound}"))
             for key, value, _fresh, stale, _version in copies:
                 if now >= stale:
                     continue  # not servable any more
                 op = self.oracle.obsoleted_by(value, seen)
                 if op is not None:
-                    raise p7_error(op)(
-                        f"{proc}'s L1 of {cache} still holds {key}={value!r} (servable for "
-                        f"{stale - now:.1f}s more) after {op} completed and was delivered"
+                    breach(
+                        p7_error(op)(
+                            f"{proc}'s L1 of {cache} still holds {key}={value!r} (servable for "
+                            f"{stale - now:.1f}s more) after {op} completed and was delivered"
+                        )
                     )
 
     def check_coherence(self, states: dict[str, dict[str, Any]]) -> None:
@@ -226,9 +229,11 @@ class System:
                     if live is None or live[1] is None:
                         continue  # gone or a tombstone: P7 judges the copy by the operations
                     if live[1]["v"] > value["v"]:
-                        raise CoherenceBroken(
-                            f"{proc}'s L1 of {cache} holds {key}={value!r} (version "
-                            f"{version}) but L2 holds the newer {live[1]!r} (version {live[0]})"
+                        breach(
+                            CoherenceBroken(
+                                f"{proc}'s L1 of {cache} holds {key}={value!r} (version "
+                                f"{version}) but L2 holds the newer {live[1]!r} (version {live[0]})"
+                            )
                         )
 
     def check_locks(self) -> None:
@@ -236,25 +241,29 @@ class System:
         now = time.monotonic()
         for slot, token, pttl in self.view.locks():
             if pttl < 0:
-                raise P8Broken(f"lock of {slot} (token {token[:8]}) has no TTL (PTTL {pttl})")
+                breach(P8Broken(f"lock of {slot} (token {token[:8]}) has no TTL (PTTL {pttl})"))
             if token in self.enqueuer.tokens:
                 continue  # a refresh task's (pending, run, dropped or failed: a throttle)
             if slot is not None and slot == self.slow_slot:
                 continue  # the held call's own lock
             if slot is not None and now - self.failed.get(slot, -1e9) < LOCK_TTL + 1.0:
                 continue  # a failed refresh keeps its lock as the key's throttle; or see above
-            raise P14Broken(
-                f"lock of {slot} (token {token[:8]}, {pttl} ms left) is held by nobody: no "
-                "task, no load in flight (a lock request that timed out ran later?)"
+            breach(
+                P14Broken(
+                    f"lock of {slot} (token {token[:8]}, {pttl} ms left) is held by nobody: no "
+                    "task, no load in flight (a lock request that timed out ran later?)"
+                )
             )
 
     def check_tag_sets(self) -> None:
         """P13: the tag index does not keep every version a key ever had."""
         for (tag_set, encoded), members in self.view.tag_members().items():
             if members > TAG_MEMBERS_PER_KEY:
-                raise P13Broken(
-                    f"tag set {tag_set} holds {members} members for key {encoded!r} "
-                    f"(> {TAG_MEMBERS_PER_KEY}): old versions are never removed"
+                breach(
+                    P13TagSetGrows(
+                        f"tag set {tag_set} holds {members} members for key {encoded!r} "
+                        f"(> {TAG_MEMBERS_PER_KEY}): old versions are never removed"
+                    )
                 )
 
     def check_refusal(
@@ -273,7 +282,9 @@ class System:
                 candidates.append((live[1], live[2]))
         for value, stale in candidates:
             if now < stale and self.oracle.obsoleted_by(value, seen) is None:
-                raise P1Broken(
-                    f"{proc} get({cache}, {key!r}) raised the resolver's error although "
-                    f"{value!r} was servable (stale_until in {stale - now:.1f}s)"
+                breach(
+                    P1Refusal(
+                        f"{proc} get({cache}, {key!r}) raised the resolver's error although "
+                        f"{value!r} was servable (stale_until in {stale - now:.1f}s)"
+                    )
                 )
