@@ -26,12 +26,7 @@ groups out with ``OQRON_MODEL_RULES=-outage,-slow`` (``peer``, ``tasks``, ``outa
 
 from __future__ import annotations
 
-import functools
-import os
-import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
-from typing import Any, TypeVar, cast
+from collections.abc import Iterator
 
 import pytest
 from hypothesis import HealthCheck, Phase, seed, settings
@@ -46,16 +41,12 @@ from hypothesis.stateful import (
 
 from oqron_cache.bus import encode_message
 from oqron_cache.config import current_runtime
-from oqron_cache.task_bodies import do_refresh
+from tests.model import calls
 from tests.model.gates import WHERES, SlowCall
 from tests.model.oracle import (
-    CACHES,
-    KEYS,
-    MAX_CALL_SECONDS,
     PATTERNS,
     PROCS,
     TAGS,
-    Op,
     P1Broken,
     P2Broken,
     P7Broken,
@@ -63,73 +54,21 @@ from tests.model.oracle import (
     breach,
     make_value,
 )
+from tests.model.steps import (
+    EXAMPLES,
+    GROUPS,
+    SEED,
+    SHRINK,
+    STEPS,
+    Held,
+    caches,
+    keys,
+    logged,
+    procs,
+    seconds,
+)
 from tests.model.system import System
 from tests.model.world import OriginError
-
-EXAMPLES = int(os.environ.get("OQRON_MODEL_EXAMPLES", "60"))
-STEPS = int(os.environ.get("OQRON_MODEL_STEPS", "40"))
-SEED = os.environ.get("OQRON_MODEL_SEED")
-SHRINK = os.environ.get("OQRON_MODEL_SHRINK", "1") != "0"  # 0: report the first failure as found
-GROUPS = {"peer", "tasks", "outage", "bus", "forged", "slow", "origin", "steady"} - {
-    g.strip().lstrip("-") for g in os.environ.get("OQRON_MODEL_RULES", "").split(",") if g.strip()
-}
-
-procs = st.sampled_from(PROCS if "peer" in GROUPS else ("A",))
-caches = st.sampled_from(CACHES)
-keys = st.sampled_from(KEYS)
-# Across L1's ttl (20), the ttl (30), the tombstone's life (10), ttl + stale_ttl (90) and the
-# tag sets' (150); a small step keeps a value where it is.
-steps = st.sampled_from([1.0, 9.0, 11.0, 16.0, 21.0, 31.0, 61.0, 91.0, 151.0])
-
-
-@dataclass
-class Held:
-    """What the held call is: a get (what it had seen, when it began) or a set (its op)."""
-
-    kind: str = ""
-    cache: str = ""
-    key: str = ""
-    seen: frozenset[int] = frozenset()
-    began: float = 0.0
-    op: Op | None = None
-
-    def is_get(self, cache: str, key: str) -> bool:
-        return (self.kind, self.cache, self.key) == ("get", cache, key)
-
-
-F = TypeVar("F", bound=Callable[..., Any])
-
-
-def logged(fn: F) -> F:
-    """Record the step (as Hypothesis prints it) and put the steps so far into any failure.
-
-    Hypothesis replays a failing example to print it; when timing makes the replay differ, the
-    steps that really failed are still in the message (``python -m tests.model.replay``).
-    """
-
-    @functools.wraps(fn)
-    def step(self: CacheModel, **kwargs: Any) -> Any:
-        top = self.depth == 0
-        if top and fn.__name__ != "promises_hold":
-            args = ", ".join(f"{name}={value!r}" for name, value in sorted(kwargs.items()))
-            self.steps.append(f"state.{fn.__name__}({args})")
-        self.depth += 1
-        try:
-            return fn(self, **kwargs)
-        except AssertionError as exc:
-            if top and not getattr(exc, "steps_noted", False):
-                exc.args = (f"{exc}\n  steps of this run:\n    " + "\n    ".join(self.steps),)
-                exc.steps_noted = True  # type: ignore[attr-defined]
-            raise
-        finally:
-            self.depth -= 1
-
-    return cast("F", step)
-
-
-def check_duration(what: str, seconds: float) -> None:
-    if seconds > MAX_CALL_SECONDS:
-        breach(P2Broken(f"{what} took {seconds:.2f}s > {MAX_CALL_SECONDS:.2f}s"))
 
 
 class CacheModel(RuleBasedStateMachine):
@@ -150,93 +89,34 @@ class CacheModel(RuleBasedStateMachine):
             self.slow = None
         self.sys.end()
 
-    # -- reads ----------------------------------------------------------------------------
+    # -- reads, writes and invalidations ------------------------------------------------------
 
     @rule(proc=procs, cache=caches, key=keys)
     @logged
     def get(self, proc: str, cache: str, key: str) -> None:
         if self.slow is not None and proc == "A" and self.held.is_get(cache, key):
             self.slow_finish()  # a read of the same key would wait for the held one (single-flight)
-        self.sys.barrier(proc)  # the bus delay: what was published before the read is delivered
-        seen = self.sys.oracle.snapshot(proc)
-        now = self.sys.clock.now
-        if proc == "A":
-            counts = self.sys.caches[cache].stats.counts
-            errors = counts["l2_errors"]
-            started = time.monotonic()
-            try:
-                value = self.sys.caches[cache].get(key)
-            except OriginError:
-                current_runtime().dispatcher.join(5.0)
-                self.sys.check_refusal("A", cache, key, counts["l2_errors"] - errors, seen)
-                return
-            except Exception as exc:
-                raise P1Broken(f"A get({cache}, {key!r}) raised {exc!r}") from exc
-            elapsed = time.monotonic() - started
-            current_runtime().dispatcher.join(5.0)
-        else:
-            reply = self.sys.peer.call("get", self.sys.ctx(), cache, key)
-            self.sys.absorb(reply)
-            if "error" in reply:
-                raise P1Broken(f"B get({cache}, {key!r}) raised {reply['error']}")
-            if "origin_error" in reply:
-                self.sys.check_refusal("B", cache, key, int(reply["l2_errors"]), seen)
-                return
-            value, elapsed = reply["value"], float(reply["elapsed"])
-        self.sys.oracle.check_read(proc, cache, key, value, now, seen)
-        check_duration(f"{proc} get({cache}, {key!r})", elapsed)
-
-    # -- writes and invalidations -------------------------------------------------------------
-
-    def _write(self, proc: str, kind: str, cache: str, subject: str, value: Any = None) -> None:
-        op = self.sys.oracle.begin(kind, proc, cache, subject, self.sys.redis != "up")
-        if kind == "set":
-            version = self.sys.origin.bump(cache, subject)  # the application writes its origin
-            value = make_value(cache, subject, version, op.start, self.sys.clock.now, True)
-        what = f"{proc} {kind}({cache}, {subject!r})"
-        if proc == "A":
-            target = self.sys.caches[cache]
-            started = time.monotonic()
-            try:
-                if kind == "set":
-                    target.set(subject, value)
-                elif kind == "delete":
-                    target.delete(subject)
-                elif kind == "pattern":
-                    target.invalidate_pattern(subject)
-                else:
-                    target.invalidate_by_tag(subject)
-            except Exception as exc:
-                raise P1Broken(f"{what} raised {exc!r}") from exc
-            elapsed = time.monotonic() - started
-        else:
-            reply = self.sys.peer.call("write", self.sys.ctx(), kind, cache, subject, value)
-            self.sys.absorb(reply)
-            if "error" in reply:
-                raise P1Broken(f"{what} raised {reply['error']}")
-            elapsed = float(reply["elapsed"])
-        self.sys.oracle.end(op)
-        check_duration(what, elapsed)
+        calls.read(self.sys, proc, cache, key)
 
     @rule(proc=procs, cache=caches, key=keys)
     @logged
     def set(self, proc: str, cache: str, key: str) -> None:
-        self._write(proc, "set", cache, key)
+        calls.write(self.sys, proc, "set", cache, key)
 
     @rule(proc=procs, cache=caches, key=keys)
     @logged
     def delete(self, proc: str, cache: str, key: str) -> None:
-        self._write(proc, "delete", cache, key)
+        calls.write(self.sys, proc, "delete", cache, key)
 
     @rule(proc=procs, cache=caches, pattern=st.sampled_from(PATTERNS))
     @logged
     def invalidate_pattern(self, proc: str, cache: str, pattern: str) -> None:
-        self._write(proc, "pattern", cache, pattern)
+        calls.write(self.sys, proc, "pattern", cache, pattern)
 
     @rule(proc=procs, cache=caches, tag=st.sampled_from(TAGS))
     @logged
     def invalidate_by_tag(self, proc: str, cache: str, tag: str) -> None:
-        self._write(proc, "tag", cache, tag)
+        calls.write(self.sys, proc, "tag", cache, tag)
 
     @precondition(lambda self: "steady" in GROUPS)
     @rule(proc=procs, cache=caches, key=keys, rounds=st.sampled_from([4, 8, 12]))
@@ -249,7 +129,7 @@ class CacheModel(RuleBasedStateMachine):
 
     # -- time and the origin ------------------------------------------------------------------
 
-    @rule(seconds=steps)
+    @rule(seconds=seconds)
     @logged
     def advance_time(self, seconds: float) -> None:
         self.sys.clock.tick(seconds)
@@ -287,19 +167,7 @@ class CacheModel(RuleBasedStateMachine):
         task = tasks[index % len(tasks)]
         if not again:
             tasks.remove(task)
-        if where == "A":
-            try:
-                do_refresh(task.cache, task.key, task.token, task.seen_hex)
-            except Exception as exc:
-                raise P1Broken(f"refresh task {task} raised {exc!r} in A") from exc
-            current_runtime().dispatcher.join(5.0)
-        else:
-            reply = self.sys.peer.call(
-                "refresh", self.sys.ctx(), task.cache, task.key, task.token, task.seen_hex
-            )
-            self.sys.absorb(reply)
-            if "error" in reply:
-                raise P1Broken(f"refresh task {task} raised in B: {reply['error']}")
+        calls.refresh(self.sys, task, where)
 
     @precondition(lambda self: "tasks" in GROUPS)
     @rule(index=st.integers(0, 7))
@@ -415,7 +283,7 @@ class CacheModel(RuleBasedStateMachine):
         if self.sys.redis != "up" and self.sys.slow_slot is not None:
             self.sys.unreleased.add(self.sys.slow_slot)
         self.sys.slow_slot = None
-        current_runtime().dispatcher.join(5.0)
+        current_runtime().dispatcher.join(calls.JOIN)
         if op is not None:
             if call.error is not None:
                 raise P1Broken(f"held set({cache}, {key!r}) raised {call.error!r}")
