@@ -82,6 +82,11 @@ class P3Broken(PromiseBroken):
     """A value older than ttl + stale_ttl was served."""
 
 
+class P3SlowLoad(P3Broken):
+    """... a value whose load was held while the clock moved: its age counts from the origin
+    read, the entry's ``created_at`` from when the resolver returned."""
+
+
 class P5Broken(PromiseBroken):
     """A read returned a value older than a write or invalidation that completed before it."""
 
@@ -223,6 +228,7 @@ class Oracle:
     visible: dict[str, set[int]] = field(default_factory=lambda: {p: set() for p in PROCS})
     set_done: dict[int, int] = field(default_factory=dict)  # a set's start stamp -> end stamp
     last_served: dict[tuple[str, str, int], float] = field(default_factory=dict)
+    held_loads: set[int] = field(default_factory=set)  # stamps of origin reads by a held call
 
     def tick(self) -> int:
         self.seq += 1
@@ -273,8 +279,9 @@ class Oracle:
             raise WrongValue(f"{who} get({cache}, {key!r}) returned {value!r}")
         born = self.age_origin(cache, value)
         if now >= born + BOUND:
+            late = P3SlowLoad if int(value["r"]) in self.held_loads else P3Broken
             breach(
-                P3Broken(
+                late(
                     f"{who} get({cache}, {key!r}) at t={now:.1f} returned {value!r}, "
                     f"{now - born:.1f}s old > ttl + stale_ttl = {BOUND}"
                 )

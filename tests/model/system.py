@@ -8,6 +8,7 @@ The checks that look at a whole process or at Redis live here; the checks of one
 
 from __future__ import annotations
 
+import threading
 import time
 import uuid
 from typing import Any
@@ -134,6 +135,8 @@ class System:
             refuse = (cache, key) in self.origin.failing
             stamp = self.oracle.tick()
             now = self.clock()
+            if threading.current_thread() is self.gates.thread:
+                self.oracle.held_loads.add(stamp)
             self.gates.hold("resolver")
             if refuse:
                 self.failed[(cache, key)] = time.monotonic()
