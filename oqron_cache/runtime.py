@@ -84,6 +84,7 @@ class Runtime:
             self.client = make_client(settings)
             self.conn = RedisConn(self.client, CircuitBreaker())
             self.recovery = Recovery()
+            self.conn.breaker.on_close = self.recovery.wake
             self.stats_sync = StatsSync(
                 self.conn, settings.namespace, lambda: list(self.stacks.values())
             )

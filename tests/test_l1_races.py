@@ -156,3 +156,31 @@ def test_an_eviction_between_the_epoch_check_and_the_l1_put_wins(
     gate.open()
     putter.join(STEP)
     assert stack.l1.get("k") is None, "an L1 put that passed its check before the eviction won"
+
+
+def test_a_read_after_a_delete_does_not_join_a_load_that_began_before_it(
+    configured: str, make_cache: Callable[..., Any]
+) -> None:
+    """Found by the model test (P5): in-process single-flight merged a read that began after
+    a delete into a load that began before it, so it got the deleted value."""
+    entered, release = threading.Event(), threading.Event()
+    calls = {"n": 0}
+
+    def resolver(key: str) -> int:
+        calls["n"] += 1
+        n = calls["n"]
+        if n == 1:
+            entered.set()
+            assert release.wait(STEP)
+        return n
+
+    cache = make_cache(resolver=resolver, **two_tier())
+    first, out1 = run(lambda: cache.get("k"))
+    assert entered.wait(STEP)
+    cache.delete("k")  # completes while the first load (which began before it) still runs
+    second, out2 = run(lambda: cache.get("k"))
+    second.join(STEP)  # it does not wait for the first load either: that one can't fill now
+    release.set()
+    first.join(STEP)
+    assert out1 == [1]  # began before the delete: it may return what it loaded
+    assert out2 == [2], "a read that began after the delete got the value loaded before it"

@@ -32,6 +32,7 @@ class CircuitBreaker:
         self._cooldown = cooldown
         self._reopen_at = 0.0
         self.trips = 0
+        self.on_close: Callable[[], None] | None = None  # called when Redis answers again
 
     @property
     def state(self) -> str:
@@ -59,6 +60,8 @@ class CircuitBreaker:
             with self._lock:
                 self._state = CLOSED
                 self._cooldown = self._base
+            if self.on_close is not None:
+                self.on_close()
 
     def failure(self) -> None:
         """Record a connection failure or timeout: open (again) for the cooldown."""

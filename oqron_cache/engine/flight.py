@@ -43,6 +43,17 @@ class Flights:
             flight = self._flights[key] = Flight()
             return flight, True
 
+    def forget(self, keys: list[str] | None = None) -> None:
+        """``keys`` (None: every key) changed: readers from now on start a new load rather
+        than join one that began before the change (P5). Those already waiting still get its
+        result: their reads began before the change too."""
+        with self._lock:
+            if keys is None:
+                self._flights.clear()
+            else:
+                for key in keys:
+                    self._flights.pop(key, None)
+
     def finish(
         self, key: str, flight: Flight, value: Any = None, error: BaseException | None = None
     ) -> None:

@@ -276,6 +276,7 @@ def _unlink_values(l2: L2Store, keys: list[bytes]) -> int:
 
 def evict_patterns_from_l1(stack: CacheStack, patterns: list[str]) -> None:
     """Drop this process's L1 copies whose key matches any of ``patterns``."""
+    stack.flights.forget()  # later reads must not join loads older than the invalidation
     if stack.l1 is None:
         return
     globs = [Glob(p) for p in patterns]
@@ -284,6 +285,7 @@ def evict_patterns_from_l1(stack: CacheStack, patterns: list[str]) -> None:
 
 def evict_tags_from_l1(stack: CacheStack, tags: list[str]) -> None:
     """Drop this process's L1 copies carrying any of ``tags``."""
+    stack.flights.forget()
     if stack.l1 is None:
         return
     wanted = set(tags)

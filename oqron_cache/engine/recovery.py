@@ -139,6 +139,11 @@ class Recovery:
 
     # -- replaying
 
+    def wake(self) -> None:
+        """Redis answers again (its breaker closed): replay now, not at the next retry."""
+        if self.pending:
+            self._wake.set()
+
     def _ensure_thread(self) -> None:
         if self._thread is None and not self._stop.is_set():
             with self._lock:

@@ -497,7 +497,11 @@ class CacheStack:
 
     def on_bus(self, op: str, keys: list[str], from_self: bool) -> None:
         """A bus message for this cache: drop the L1 copies another process made obsolete."""
-        if self.l1 is None or from_self:
+        if from_self:
+            return
+        # Loads that began before the change are not joined by later readers.
+        self.flights.forget(keys if op in ("evict", "fill") else None)
+        if self.l1 is None:
             return
         # Each eviction moves the keys' L1 generation: reads in flight do not put them back.
         if op == "clear":
@@ -515,5 +519,6 @@ class CacheStack:
 
     def flush_l1(self) -> None:
         """Drop every L1 copy (the bus was lost or came back)."""
+        self.flights.forget()
         if self.l1 is not None:
             self.l1.clear()

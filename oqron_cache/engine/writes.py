@@ -68,15 +68,16 @@ def make_entry(
     written: bool = False,
     began: float = 0.0,
 ) -> Entry:
-    """A new entry of ``value``, fresh for ``ttl`` from now. Its ``created_at`` is when the
-    value was made: now for a write; for a fill, ``began``, when its load began (a write-through
-    cache link yields to a fill only if that fill began after the origin write).
+    """A new entry of ``value``, made now (a write) or by a load that began at ``began`` (a
+    fill). Its ``created_at`` and the start of its ``ttl`` are that instant: a value a slow
+    resolver read long ago is not fresh for a whole ``ttl`` from when it lands (P3), and a
+    write-through cache link yields to a fill only if the fill began after its origin write.
     """
-    now = stack.clock()
-    fresh_until = now + stack.opts.ttl
+    made = began or stack.clock()
+    fresh_until = made + stack.opts.ttl
     return Entry(
         value,
-        began or now,
+        made,
         fresh_until,
         fresh_until + stack.opts.stale_ttl,
         new_version(),
@@ -148,6 +149,13 @@ def store(
         if token and not keep_lock:
             stack._release(key, token)
         return OVERSIZE
+    if entry.stale_until <= stack.clock():
+        # The load took longer than ttl + stale_ttl: its value may be returned to the callers
+        # that waited for it, but it is already past what may ever be served again (P3).
+        stack.stats.incr("fills_too_old")
+        if token:
+            stack._release(key, token)
+        return TOO_OLD
     if stack.l2 is not None:
         age = _age(basis)
         try:
@@ -217,6 +225,7 @@ def write(stack: CacheStack, key: str, value: Any) -> None:
                 if entry.tags:  # a written value is new data: index it, nothing to withdraw
                     after_fill(stack, key, entry, NEVER)
     finally:
+        stack.flights.forget([key])  # later reads must not join a load older than this write
         if stack.l1 is not None:
             item = stack._l1_item(entry) if stack._l1_writable() else None
             stack.l1.end_write(key, item, ticket)
@@ -244,5 +253,6 @@ def remove(stack: CacheStack, key: str) -> None:
         stack._defer_write(key, tomb, envelope, stack._tombstone_ttl)
     else:
         stack._settled(key)
+    stack.flights.forget([key])  # later reads must not join a load that began before this
     if stack.l1 is not None:
         stack.l1.evict(key)  # reads that began during the call must not put the value back

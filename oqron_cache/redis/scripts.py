@@ -131,15 +131,17 @@ return {t[1], t[2], redis.call('GET', KEYS[1]), claim}
 """
 
 # KEYS[1] - the entry's value key
+# KEYS[2] - the entry's lock key
 # ARGV[1] - the tombstone envelope (a new version, no value)
 # ARGV[2] - physical TTL of the tombstone, ms
 # ARGV[3] - bus channel
 # ARGV[4] - bus message
-# A delete: drop the value first (DEL is allowed even when Redis is out of memory), announce it,
-# then leave the tombstone that makes in-flight older fills fail their compare-and-set. If the
-# tombstone cannot be written (OOM), the delete has still happened.
+# A delete: drop the value first (DEL is allowed even when Redis is out of memory), and the lock
+# (a load that began before the delete cannot fill any more: nobody should wait for it),
+# announce it, then leave the tombstone that makes in-flight older fills fail their
+# compare-and-set. If the tombstone cannot be written (OOM), the delete has still happened.
 TOMBSTONE = """
-redis.call('DEL', KEYS[1])
+redis.call('DEL', KEYS[1], KEYS[2])
 redis.call('PUBLISH', ARGV[3], ARGV[4])
 redis.pcall('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
 return 1

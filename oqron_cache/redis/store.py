@@ -320,7 +320,8 @@ class RedisStore:
     def tombstone(self, key: str, envelope: bytes, ttl: float, message: bytes) -> None:
         """Delete ``key``'s value, announce it, and leave ``envelope`` (a tombstone) behind."""
         args = [envelope, max(1, int(ttl * 1000)), self.channel, message]
-        self.conn.run(self.conn.tombstone_script, keys=[self.keys.value(key)], args=args)
+        keys = [self.keys.value(key), self.keys.lock(key)]
+        self.conn.run(self.conn.tombstone_script, keys=keys, args=args)
 
     def touch(
         self, key: str, version: bytes, fresh_until: float, stale_until: float, ttl: float

@@ -11,8 +11,8 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from oqron_cache.celery.bodies import do_refresh
 from oqron_cache.config import current_runtime
-from oqron_cache.task_bodies import do_refresh
 from tests.model.oracle import MAX_CALL_SECONDS, P1Broken, P2Broken, breach, make_value
 from tests.model.system import System
 from tests.model.world import OriginError, Task

@@ -20,9 +20,9 @@ from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager
 from typing import Any
 
-from oqron_cache.serializers import Codec
-from oqron_cache.tiers.base import L1Store
-from oqron_cache.tiers.memory import L1Item
+from oqron_cache.core.codecs import Codec
+from oqron_cache.engine.l1 import L1Item
+from oqron_cache.engine.tiers import L1Store
 
 GATE_LIMIT = 30.0  # a held thread gives up after this long (a test that never released it)
 WHERES = ("resolver", "decode", "l1put")
@@ -97,6 +97,29 @@ class GatedL1:
     def put_if_newer(self, key: str, item: L1Item) -> None:
         self.gates.hold("l1put")
         self.inner.put_if_newer(key, item)
+
+    def stamp(self, key: str) -> int:
+        return self.inner.stamp(key)
+
+    def put_if(self, key: str, item: L1Item, stamp: int) -> bool:
+        self.gates.hold("l1put")  # before the (atomic) check of the stamp and the put
+        return self.inner.put_if(key, item, stamp)
+
+    def begin_write(self, key: str) -> int:
+        return self.inner.begin_write(key)
+
+    def end_write(self, key: str, item: L1Item | None, ticket: int) -> bool:
+        self.gates.hold("l1put")
+        return self.inner.end_write(key, item, ticket)
+
+    def evict(self, key: str) -> None:
+        self.inner.evict(key)
+
+    def evict_many(self, keys: list[str]) -> None:
+        self.inner.evict_many(keys)
+
+    def evict_matching(self, match: Callable[[str, L1Item], bool]) -> int:
+        return self.inner.evict_matching(match)
 
     def discard(self, key: str, version: bytes | None = None) -> None:
         self.inner.discard(key, version)

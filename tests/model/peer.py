@@ -21,8 +21,8 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 import oqron_cache
+from oqron_cache.celery.bodies import do_refresh
 from oqron_cache.config import current_runtime, reset
-from oqron_cache.task_bodies import do_refresh
 from oqron_cache.testing import FakeClock
 from tests.model.oracle import OP_TIMEOUT, make_value
 from tests.model.world import (

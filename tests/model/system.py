@@ -193,6 +193,31 @@ class System:
             time.sleep(0.02)
         return False
 
+    def wait_resubscribed(self, before: dict[str, int], timeout: float = HEALTHY_WAIT) -> bool:
+        """Wait until both buses noticed a lost connection (their reconnect count moved past
+        ``before``) and are subscribed again. A bus still says healthy until it notices."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            states = {proc: self.state(proc) for proc in before}
+            if all(
+                state["bus_healthy"] and state["bus_reconnects"] > before[proc]
+                for proc, state in states.items()
+            ):
+                return True
+            time.sleep(0.02)
+        return False
+
+    def wait_replayed(self, timeout: float = HEALTHY_WAIT) -> bool:
+        """P14: what either process deferred while Redis was away is applied once it is back
+        (then the bus delivers it like any write)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not self.state("A")["deferred"] and not self.state("B")["deferred"]:
+                # ... and the replays' bus messages reached both processes.
+                return self.barrier("A") and self.barrier("B")
+            time.sleep(0.02)
+        return False
+
     # -- checks of a whole process, and of Redis ----------------------------------------------
 
     def check_l1(self, proc: str, state: dict[str, Any]) -> None:

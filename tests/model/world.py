@@ -26,12 +26,12 @@ import redis
 
 import oqron_cache
 from oqron_cache import MemoryTier, RedisTier, Stampede
-from oqron_cache.bus import encode_message
 from oqron_cache.config import current_runtime
-from oqron_cache.entry import unpack
-from oqron_cache.keys import KeySpace
-from oqron_cache.serializers import get_codec
-from oqron_cache.tiers.redis import L2Unavailable
+from oqron_cache.core.codecs import get_codec
+from oqron_cache.core.entry import unpack
+from oqron_cache.core.keys import KeySpace
+from oqron_cache.redis.bus import encode_message
+from oqron_cache.redis.store import L2Unavailable
 from tests.model.oracle import (
     CACHES,
     FIXED,
@@ -85,6 +85,8 @@ class FakeEnqueuer:
     def __init__(self) -> None:
         self.tasks: list[Task] = []
         self.tokens: set[str] = set()  # every token ever sent (its lock is someone's)
+
+    in_process = False  # the tasks run where the model says (never in an in-memory worker)
 
     def enqueue(self, cache: str, key: str, token: str, seen: bytes, lock_ttl: float) -> bool:
         self.tasks.append(Task(cache, key, token, seen.hex()))
@@ -172,6 +174,8 @@ def l1_state(caches: dict[str, oqron_cache.Cache]) -> dict[str, Any]:
     bus = runtime.bus if runtime is not None else None
     out["bus_healthy"] = bool(bus is not None and bus.healthy)
     out["bus_reconnects"] = bus.reconnects if bus is not None else 0
+    recovery = runtime.recovery if runtime is not None else None
+    out["deferred"] = recovery.pending if recovery is not None else 0
     out["bus_dropped"] = bus.dropped_messages if bus is not None else 0
     out["breaker"] = runtime.conn.breaker.state if runtime is not None and runtime.conn else "-"
     return out
@@ -219,7 +223,10 @@ class RedisView:
             pttl = cast(int, self.client.pttl(raw))
             if token is None:
                 continue  # expired between the scan and the read
-            out.append((names.get(name), cast(bytes, token).decode(), pttl))
+            text = cast(bytes, token).decode()
+            if len(text) == 33 and text[0] in "rqf":  # a lock's phase, then its holder's token
+                text = text[1:]
+            out.append((names.get(name), text, pttl))
         return out
 
     def entry(self, cache: str, key: str) -> tuple[str, Any, float] | None:
