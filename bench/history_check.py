@@ -24,7 +24,9 @@ operation that saw it and the operation that makes it a violation:
     was computing the key meanwhile: it waited out a lock that nobody holds. Waits for a holder
     that is computing the key (bounded by ``lock_ttl``, P8) are counted in ``held_stalls``.
 ``duplicate_run``
-    P4, only with ``Bounds.dedup``: a resolver run of a key overlapped another run of it.
+    P4, only with ``Bounds.dedup``: a resolver run of a key overlapped another run of it that
+    began before the last change of the key (a set, delete or invalidation) that could have
+    landed before this one began: a run after a change is the one new run P4 allows.
 
 Faults (``fault`` events, or ``windows=``) extend when a write is due. A fault window ``[a, b]``
 heals at ``h = b + recovery_base + min(b - a, recovery_cap) + bus_delay``: the library notices
@@ -58,6 +60,8 @@ def check(events: Iterable[Event], bounds: Bounds, windows: Iterable[Window] = (
     sets: dict[tuple[str, str, int], Event] = {}
     runs: dict[tuple[str, str], list[Event]] = defaultdict(list)
     durations: dict[str, list[float]] = defaultdict(list)
+    last_get: dict[tuple[int, str], Event] = {}  # each thread's latest get, by when it began
+    began: dict[int, float] = {}  # a resolver run's earliest possible start of its load
     origin_writes = {
         (e.c, e.k, e.v): e.t1 for e in history if e.op == "origin_write" and e.ok
     }  # the latest origin write of each version
@@ -68,12 +72,16 @@ def check(events: Iterable[Event], bounds: Bounds, windows: Iterable[Window] = (
         durations[event.op].append(event.duration)
         if event.op == "origin_read":
             runs[(event.c or "", event.k or "")].append(event)
+            caller = last_get.get((event.p, event.th))
+            if caller and (caller.c, caller.k) == (event.c, event.k) and caller.t1 >= event.t0:
+                began[id(event)] = caller.t0  # its get took the lock first
             continue
         if event.op == "origin_write":
             continue
         _check_outcome(report, event)
         cache = event.c or ""
         if event.op == "get":
+            last_get[(event.p, event.th)] = event
             report.calls += 1
             if event.ok:
                 report.served += 1
@@ -97,7 +105,7 @@ def check(events: Iterable[Event], bounds: Bounds, windows: Iterable[Window] = (
     for (cache, key), key_gets in gets.items():
         check_gets(report, key_gets, writes.get((cache, key), []), sets, origin_writes)
         check_lost(report, key_gets, writes.get((cache, key), []), sets)
-    check_runs(report, runs)
+    check_runs(report, runs, writes, began)
     check_stalls(report, gets, runs)
     count_tasks(report, history)
     report.violations.sort(key=lambda v: (v.rule, v.event.t0))

@@ -156,20 +156,48 @@ def check_lost(
             )
 
 
-def check_runs(report: Report, runs: Mapping[tuple[str, str], list[Event]]) -> None:
-    """Count resolver runs of one key that overlap another run of it."""
-    for key_runs in runs.values():
+def check_runs(
+    report: Report,
+    runs: Mapping[tuple[str, str], list[Event]],
+    changes: Mapping[tuple[str, str], list[Write]] | None = None,
+    began: Mapping[int, float] | None = None,
+) -> None:
+    """Count resolver runs of one key that overlap another run of it.
+
+    A run that begins after a change of its key (a set, delete or invalidation) that landed
+    while the older run was going is not a duplicate: the older run's value predates the change
+    and cannot be served to a read that begins after it (P5), so a second run is what P4 allows
+    (one run per expiry or change). The change may land anywhere in ``[t0, t1]``, and a run's
+    load may have begun (taken its lock) anywhere from when its get began (``began``, by the
+    run's ``id()``) to its origin read: a change excuses a run that began after the change's
+    ``t0`` overlapping one whose load began before the change's ``t1``.
+    """
+    changes = changes or {}
+    began = began or {}
+    for key, key_runs in runs.items():
         report.resolver_runs += len(key_runs)
         ordered = sorted(key_runs, key=lambda e: e.t0)
-        end = float("-inf")
+        spans = sorted((w.event.t0, w.event.t1) for w in changes.get(key, ()))
+        active: list[Event] = []
         for run in ordered:
-            if run.t0 < end:
+            active = [a for a in active if a.t1 > run.t0]
+            stale = [
+                a for a in active if not _changed_between(spans, began.get(id(a), a.t0), run.t0)
+            ]
+            if stale:
                 report.duplicates += 1
                 if report.bounds.dedup:
+                    end = max(a.t1 for a in stale)
                     report.violations.append(
                         Violation("duplicate_run", run, f"overlaps another run ending {end:.3f}")
                     )
-            end = max(end, run.t1)
+            active.append(run)
+
+
+def _changed_between(spans: Sequence[tuple[float, float]], began: float, now: float) -> bool:
+    """Whether some change ``(t0, t1)`` may have landed after ``began`` and before ``now``."""
+    hi = bisect.bisect_right(spans, (now, float("inf")))
+    return any(t1 >= began for _, t1 in spans[:hi])
 
 
 def check_stalls(

@@ -275,6 +275,29 @@ def test_overlapping_resolver_runs_of_one_key_are_duplicates() -> None:
     assert dict(check(runs, strict).rules()) == {"duplicate_run": 2}
 
 
+def test_a_run_that_begins_after_a_change_landed_during_an_older_run_is_not_a_duplicate() -> None:
+    strict = Bounds(ttl=1, stale_ttl=2, dedup=True)
+    older = ev("origin_read", 1.0, 1.5, v=1, p=1)
+    newer = ev("origin_read", 1.3, 1.6, v=2, p=2)
+    for change in (ev("delete", 1.1, 1.2), put(1.1, 1.2, 5), ev("pattern", 1.1, 1.2, ks=("k",))):
+        assert dict(check([older, change, newer], strict).rules()) == {}, change.op
+    # near misses: the change ended before the older run began, began after the newer one did,
+    # or changed another key
+    for change in (ev("delete", 0.5, 0.9), ev("delete", 1.35, 1.4), ev("delete", 1.1, 1.2, k="j")):
+        assert dict(check([older, change, newer], strict).rules()) == {"duplicate_run": 1}
+    # the older load took its lock when its get began, the delete dropped it, then the older
+    # resolver started: the newer run is excused, but not if nothing marks the get's start
+    lock_first = ev("origin_read", 1.25, 1.5, v=1, p=1)
+    change = ev("delete", 1.1, 1.2)
+    caller = get(1.0, v=1, vt=1.3, w="r:1", t1=1.55)
+    assert dict(check([caller, lock_first, change, newer], strict).rules()) == {}
+    assert dict(check([lock_first, change, newer], strict).rules()) == {"duplicate_run": 1}
+    # a change during the older run does not excuse a third run that overlaps the second
+    third = ev("origin_read", 1.4, 1.7, v=2, p=3)
+    report = check([older, ev("delete", 1.1, 1.2), newer, third], strict)
+    assert dict(report.rules()) == {"duplicate_run": 1}
+
+
 # -- tasks, latency --------------------------------------------------------------------------
 
 

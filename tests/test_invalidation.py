@@ -95,6 +95,48 @@ def test_invalidation_racing_an_in_flight_cold_load_wins(
 
 
 @pytest.mark.parametrize("how", ["pattern", "tag"])
+def test_a_withdrawn_fill_read_by_another_thread_does_not_stay_in_l1(
+    configured: str, make_cache: Callable[..., Any], monkeypatch: pytest.MonkeyPatch, how: str
+) -> None:
+    """P5: between a fill and its check for racing invalidations (one round trip), another
+    thread of the process may read the entry from L2 and keep it in L1; the withdrawal must
+    drop that copy too (the bus does it in other processes, but not in the filler's own)."""
+    from oqron_cache.engine import invalidation
+
+    started = threading.Event()
+    release = threading.Event()
+
+    def slow(key: str) -> Any:
+        started.set()
+        assert release.wait(10)
+        return {"tags": ["g"], "n": 1}
+
+    cache = tagged(make_cache, resolver=slow)
+
+    real_index = invalidation._index
+
+    def index_after_a_read(stack: Any, key: str, entry: Any, started_us: int) -> Any:
+        if started_us < 1 << 62:  # the check after a fill (not a slide's re-index)
+            reader = threading.Thread(target=lambda: cache.get(key))
+            reader.start()  # reads the just-filled entry from L2, puts it in L1
+            reader.join(10)
+        return real_index(stack, key, entry, started_us)
+
+    monkeypatch.setattr(invalidation, "_index", index_after_a_read)
+    loader = threading.Thread(target=lambda: cache.get("acct:1"))
+    loader.start()
+    assert started.wait(10)
+    if how == "pattern":
+        cache.invalidate_pattern("acct:*")
+    else:
+        cache.invalidate_by_tag("g")
+    release.set()
+    loader.join(10)
+    assert cache.get_stats(local=True)["invalidated_in_flight"] == 1
+    assert cache.stack.l1.get("acct:1") is None  # the withdrawn value is nowhere
+
+
+@pytest.mark.parametrize("how", ["pattern", "tag"])
 def test_invalidation_racing_an_in_flight_refresh_wins(
     configured: str, make_cache: Callable[..., Any], clock: Any, how: str
 ) -> None:

@@ -71,6 +71,11 @@ def after_fill(stack: CacheStack, key: str, entry: Entry, started_us: int) -> bo
         _drop(stack, stack.l2.keys.value(key), entry.version, announce=[key])
     except L2Unavailable:
         stack.stats.incr("l2_errors")
+    # Another thread of this process may have read the entry from L2 since the fill and kept
+    # it: the announcement evicts it in other processes, this eviction here (a process does
+    # not act on its own messages).
+    if stack.l1 is not None:
+        stack.l1.evict(key)
     return False
 
 
