@@ -58,6 +58,7 @@ class Ran:
     outcome: Any = None  # the task's return value ("refreshed", "rejected", ...)
     state: str | None = None  # SUCCESS / FAILURE
     done: bool = False
+    at: float = 0.0  # time.monotonic() when it started
 
 
 @dataclass
@@ -107,7 +108,7 @@ class TaskLog:
     def _on_prerun(self, task_id: str, task: Any, args: Any, **_: Any) -> None:
         delivery = dict(task.request.delivery_info or {})
         with self.lock:
-            self.runs.append(Ran(task.name, task_id, list(args), delivery))
+            self.runs.append(Ran(task.name, task_id, list(args), delivery, at=time.monotonic()))
 
     def _on_postrun(
         self, task_id: str, task: Any, retval: Any = None, state: str | None = None, **_: Any
