@@ -504,11 +504,12 @@ def _link(
     version: bytes,
     created_at: float,
     origin_at: float | None = None,
+    retried: bool = False,
 ) -> str:
     """Run the cache link in this process, as a (re)delivered ``oqron_cache.write_cache``."""
     payload = cache.stack.codec.encode(value, cache.name)
     b64 = base64.b64encode(payload).decode()
-    return cache_link(cache.stack, key, b64, version.hex(), created_at, origin_at)
+    return cache_link(cache.stack, key, b64, version.hex(), created_at, origin_at, retried=retried)
 
 
 def _tiers() -> list[Any]:
@@ -622,6 +623,36 @@ def test_a_cache_link_older_than_a_write_that_reached_the_origin_does_not_land(
     assert _l2_of(cache, key)[0] == {"n": "earlier"}
     assert _link(cache, key, {"n": "newer"}, new_version(), newer) == "written"
     assert _l2_of(cache, key)[0] == {"n": "newer"}
+
+
+def test_a_retried_cache_link_drops_the_key_rather_than_write_a_value_redis_may_have_lost(
+    configured: str, make_cache: Any, redis_client: Any, namespace: str
+) -> None:
+    """Found by the 10-minute soak (P5): a cache link that failed while Redis was read-only
+    was retried after Redis restarted empty, and wrote its value over nothing, although a
+    newer write had landed (and been lost with the restart): its old value was served for
+    seconds. A retried link cannot know what Redis lost, but the origin has the newest
+    write: it drops the key (a tombstone) so that the next read loads it from there."""
+    origin: dict[str, Any] = {}
+    cache = make_cache(
+        tiers=_tiers(),
+        resolver=origin.get,
+        write_through=origin.__setitem__,
+    )
+    key = "k"
+    t1 = time.time()
+    origin[key] = {"n": 1}
+    v1 = new_version()
+    origin[key] = {"n": 2}  # a newer write reached the origin, and its cache link landed ...
+    assert _link(cache, key, {"n": 2}, new_version(), t1 + 1) == "written"
+    delete_namespace(redis_client, namespace)  # ... and Redis restarted empty
+    cache.stack.l1.clear()
+    assert _link(cache, key, {"n": 1}, v1, t1, retried=True) == "reloaded"
+    outcomes = cache.stack.l2.conn.client.hgetall(cache.stack.l2.keys.writes(key))
+    assert outcomes[v1.hex().encode()] == b"ok"  # the origin has it: its set() succeeded
+    assert cache.get(key) == {"n": 2}  # loaded from the origin, never the retried old value
+    # A first delivery writes its value as before.
+    assert _link(cache, "j", {"n": 3}, new_version(), time.time()) == "written"
 
 
 def test_a_cache_link_drops_its_own_process_l1_copy(configured: str, make_cache: Any) -> None:

@@ -196,7 +196,9 @@ def _install_write_through(app: Any, tasks: dict[str, Any]) -> None:
 
         return guarded(WRITE_ORIGIN_TASK, body)
 
-    def write_cache(previous: object) -> str:
+    def write_cache(self: Any, previous: object) -> str:
+        retried = bool(self.request.retries)  # the first attempt failed on Redis
+
         def body() -> str:
             if previous is None:
                 return "skipped: the origin refused the write"
@@ -213,6 +215,7 @@ def _install_write_through(app: Any, tasks: dict[str, Any]) -> None:
                 text_arg(version_hex, "version", 16),
                 number_arg(created_at),
                 origin_at,
+                retried=retried,
             )
 
         return str(guarded(WRITE_CACHE_TASK, body))
@@ -232,6 +235,7 @@ def _install_write_through(app: Any, tasks: dict[str, Any]) -> None:
     # retried with backoff (about 10 minutes in all), not dropped.
     tasks[WRITE_CACHE_TASK] = app.task(
         name=WRITE_CACHE_TASK,
+        bind=True,
         autoretry_for=(L2Unavailable,),
         retry_backoff=True,
         retry_backoff_max=60,

@@ -302,12 +302,20 @@ def cache_link(
     version_hex: str,
     created_at: float,
     origin_at: float | None = None,
+    *,
+    retried: bool = False,
 ) -> str:
     """Write the cache unless a newer write is there; record "ok"; announce.
 
     The value is fresh for ``ttl`` from ``origin_at``, when the origin accepted it (a link
     redelivered or retried late must not make an old value look new, P3), and is not written
     at all once past ``stale_until``: the next read loads the origin instead.
+
+    A ``retried`` link (its first attempt failed on Redis) does not write its value: what
+    orders it against newer writes (their entries, the high-water mark) may have been lost
+    with whatever made it fail (a Redis restarted empty). It drops the key instead, with a
+    tombstone against older fills, and the next read loads the origin, which holds the
+    newest write (P5); the set() is recorded as done (its value is in the origin).
     """
     from ..engine.invalidation import after_fill
 
@@ -327,6 +335,18 @@ def cache_link(
     )
     left = entry.stale_until - now
     keys = [l2.keys.value(key), l2.keys.writes(key)]
+    if retried:
+        tomb = Entry(None, now, now, now, new_version(), tombstone=True)
+        message = stack._message("evict", [key])
+        pipe = l2.conn.client.pipeline(transaction=False)
+        pipe.hset(keys[1], version_hex, "ok")
+        pipe.pexpire(keys[1], OUTCOME_TTL_MS)
+        l2.conn.run(pipe.execute)
+        l2.tombstone(key, pack(tomb, stack.codec.codec_id, b""), stack._tombstone_ttl, message)
+        if stack.l1 is not None:
+            stack.l1.evict(key)
+        stack.stats.incr("links_reloaded")
+        return "reloaded"
     if left <= 0:
         stack.stats.incr("writes_expired")
         pipe = l2.conn.client.pipeline(transaction=False)

@@ -48,6 +48,7 @@ COUNTERS = (
     "releases_deferred",  # lock requests that timed out: released once Redis answers
     "releases_replayed",
     "bus_floods",  # invalidation messages beyond the rate limit: L1 cleared and paused instead
+    "links_reloaded",  # write-through cache links retried after Redis failed: key dropped instead
 )
 
 
