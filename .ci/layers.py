@@ -22,6 +22,8 @@ LAYERS = {"core": 0, "redis": 1, "engine": 2, "celery": 3}
 API = 4
 TOP = 5  # admin, demo, testing, integrations
 TOP_PACKAGES = {"admin", "demo", "testing", "django", "fastapi", "flask"}
+# Entry points that live beside their layer but configure the library: the top layer.
+TOP_MODULES = {"oqron_cache.celery.worker"}
 
 
 def module_name(path: Path) -> str:
@@ -33,6 +35,8 @@ def module_name(path: Path) -> str:
 
 def layer(module: str) -> int:
     parts = module.split(".")
+    if module in TOP_MODULES:
+        return TOP
     if len(parts) == 1:
         return API  # the package's __init__ re-exports the API
     head = parts[1]

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import functools
 import inspect
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Any, Generic, ParamSpec, Protocol, TypeVar, cast, overload
 
 from .core.durations import Duration, parse_duration
 from .core.keys import decode_call, encode_call_ex
 from .core.options import MemoryTier, MissPolicy, RedisTier, Stampede, Strategy, TagsFunc
+from .engine.steps import call_sync
 from .frontend import Cache, cache
 
 P = ParamSpec("P")
@@ -57,6 +58,14 @@ class CachedFunction(Protocol[P, R]):
 
     def get_stats(self, local: bool = False) -> dict[str, Any]:
         """The cache's stats (see :meth:`Cache.get_stats`)."""
+        ...
+
+    def ainvalidate(self, *args: P.args, **kwargs: P.kwargs) -> Awaitable[None]:
+        """:meth:`invalidate` for asyncio code (an ``async def`` function's wrapper)."""
+        ...
+
+    def arefresh(self, *args: P.args, **kwargs: P.kwargs) -> Awaitable[Any]:
+        """:meth:`refresh` for asyncio code (an ``async def`` function's wrapper)."""
         ...
 
 
@@ -105,7 +114,13 @@ class _Controls(Generic[P, R]):
 
     def call(self, *args: Any, **kwargs: Any) -> R:
         """Run the original function, refusing results that cannot be cached as values."""
-        result = self.original(*args, **kwargs)
+        return cast("R", self._plain(self.original(*args, **kwargs)))
+
+    async def acall(self, *args: Any, **kwargs: Any) -> Any:
+        """Await the original ``async def`` function (same refusals as :meth:`call`)."""
+        return self._plain(await self.original(*args, **kwargs))  # type: ignore[misc]
+
+    def _plain(self, result: Any) -> Any:
         if inspect.isawaitable(result) or inspect.isgenerator(result):
             if inspect.iscoroutine(result):
                 result.close()
@@ -127,6 +142,35 @@ class _Controls(Generic[P, R]):
         """Recompute the value of ``key`` from the key alone (background refresh, workers)."""
         args, kwargs = decode_call("" if key == "-" else key)
         return self.call(*args, **kwargs)
+
+    async def aresolve(self, key: str) -> Any:
+        """:meth:`resolve` of an ``async def`` function (a worker runs it on its own loop)."""
+        args, kwargs = decode_call("" if key == "-" else key)
+        return await self.acall(*args, **kwargs)
+
+    async def alookup(self, *args: Any, **kwargs: Any) -> Any:
+        key, rebuildable = self._key(args, kwargs)
+        if not rebuildable:
+
+            async def compute() -> Any:
+                return await self.acall(*args, **kwargs)
+
+            return await self.cache.aget_or_set(key, compute)
+        return await self.cache.aget(key)
+
+    async def ainvalidate(self, *args: Any, **kwargs: Any) -> None:
+        await self.cache.adelete(self.key_for(*args, **kwargs))
+
+    async def arefresh(self, *args: Any, **kwargs: Any) -> Any:
+        value = await self.acall(*args, **kwargs)
+        await self.cache.aset(self.key_for(*args, **kwargs), value)
+        return value
+
+    def refresh_sync(self, *args: Any, **kwargs: Any) -> Any:
+        """:meth:`refresh` of an ``async def`` function from sync code (its own loop)."""
+        value = call_sync(lambda _key: self.acall(*args, **kwargs), "")
+        self.cache.set(self.key_for(*args, **kwargs), value)
+        return value
 
     def invalidate(self, *args: Any, **kwargs: Any) -> None:
         self.cache.delete(self.key_for(*args, **kwargs))
@@ -162,6 +206,31 @@ def _wrap(controls: _Controls[P, R]) -> CachedFunction[P, R]:
             return stack.get(f"s{len(arg)}:{arg}", cache_obj.options.resolver)
         return lookup(*args, **kwargs)
 
+    return _controls_on(wrapper, controls)
+
+
+def _wrap_async(controls: _Controls[P, R]) -> CachedFunction[P, R]:
+    """The wrapper of an ``async def`` function: an ``async def`` too, on the async front."""
+    cache_obj = controls.cache
+    alookup = controls.alookup
+    plain = controls._key_func is None and controls._vary_on is None
+
+    async def wrapper(*args: Any, **kwargs: Any) -> Any:
+        if plain and not kwargs and len(args) == 1 and type(args[0]) is str:
+            arg = args[0]
+            stack = cache_obj._stack or cache_obj._bind()
+            return await stack.aget(f"s{len(arg)}:{arg}", cache_obj.options.resolver)
+        return await alookup(*args, **kwargs)
+
+    wrapped = _controls_on(wrapper, controls)
+    wrapper.refresh = controls.refresh_sync  # type: ignore[attr-defined]
+    wrapper.ainvalidate = controls.ainvalidate  # type: ignore[attr-defined]
+    wrapper.arefresh = controls.arefresh  # type: ignore[attr-defined]
+    return wrapped
+
+
+def _controls_on(wrapper: Callable[..., Any], controls: _Controls[P, R]) -> CachedFunction[P, R]:
+    cache_obj = controls.cache
     functools.update_wrapper(wrapper, controls.original)
     wrapper.cache = cache_obj  # type: ignore[attr-defined]
     wrapper.original = controls.original  # type: ignore[attr-defined]
@@ -199,8 +268,12 @@ def refreshing_cache(
 
     ``miss`` and ``early_refresh`` are as for :func:`oqron_cache.cache`.
 
+    An ``async def`` function gives an ``async def`` wrapper (awaited on the async front,
+    with ``.ainvalidate(...)`` and ``.arefresh(...)``); workers and the background refresher
+    run it on an event loop of their own.
+
     Trap: a method's ``self`` is an argument; it needs ``__cache_key__()`` (or use ``key=``).
-    Generators and ``async def`` functions are refused.
+    Generators and async generators are refused.
     """
 
     def decorate(func: Callable[P, R]) -> CachedFunction[P, R]:
@@ -217,8 +290,7 @@ def refreshing_cache(
             raise TypeError(
                 f"{label} is a generator function; caching it would cache a generator object"
             )
-        if inspect.iscoroutinefunction(func):
-            raise TypeError(f"{label} is async; refreshing_cache supports sync functions only")
+        is_async = inspect.iscoroutinefunction(func)
         cache_name = name or label.replace("<", "").replace(">", "")
         # ttl first, under its own name: a bad ttl must not be reported as a bad stale_ttl.
         fresh = parse_duration(ttl, "ttl") if ttl is not None else None
@@ -243,9 +315,9 @@ def refreshing_cache(
             miss=miss,
             early_refresh=early_refresh,
             clock=clock,
-            resolver=controls.resolve,
+            resolver=controls.aresolve if is_async else controls.resolve,
         )
         controls.cache = cache_obj
-        return _wrap(controls)
+        return _wrap_async(controls) if is_async else _wrap(controls)
 
     return decorate

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
+import inspect
 import logging
 import math
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any, cast
 
 from .celery.write_through import WriteHandle
@@ -29,6 +31,8 @@ from .core.options import (
 from .engine import registry
 from .engine.invalidation import invalidate_pattern, invalidate_tag
 from .engine.stack import MAX_TAG_BYTES, CacheStack
+from .engine.steps import adrive, drive
+from .engine.writes import remove_many_steps, remove_steps, write_many_steps, write_steps
 from .redis.store import L2Unavailable
 
 if TYPE_CHECKING:
@@ -44,6 +48,29 @@ def _bad_key(key: object) -> Exception:
     if type(key) is not str:
         return InvalidKeyError(f"cache keys must be str; got {type(key).__name__}")
     return ConfigurationError("cache keys must not be empty")
+
+
+def _check_keys(keys: Iterable[str], method: str) -> list[str]:
+    if isinstance(keys, str | bytes):
+        raise TypeError(f"{method}() takes a list of keys, not one {type(keys).__name__}")
+    out = list(keys)
+    for key in out:
+        if type(key) is not str or not key:
+            raise _bad_key(key)
+    return out
+
+
+def _factory_resolver(factory: Callable[[], Any], method: str) -> Callable[[str], Any]:
+    """A resolver calling ``factory()``: an ``async def`` factory gives an ``async def``."""
+    if not callable(factory):
+        raise TypeError(f"{method} factory must be callable; got {type(factory).__name__}")
+    if inspect.iscoroutinefunction(factory):
+
+        async def resolve_async(_key: str) -> Any:
+            return await factory()
+
+        return resolve_async
+    return lambda _key: factory()
 
 
 def _bounded(value: int, name: str, limit: int) -> int:
@@ -95,9 +122,7 @@ class Cache:
         """Return the value of ``key``, calling ``factory()`` (once across processes) on a miss."""
         if type(key) is not str or not key:
             raise _bad_key(key)
-        if not callable(factory):
-            raise TypeError(f"get_or_set factory must be callable; got {type(factory).__name__}")
-        return self.stack.get(key, lambda _key: factory())
+        return self.stack.get(key, _factory_resolver(factory, "get_or_set"))
 
     def set(
         self, key: str, value: Any, *, wait: bool = True, timeout: float = 30.0
@@ -159,6 +184,107 @@ class Cache:
                 f"tag must hold 1..{MAX_TAG_BYTES} bytes; got {len(tag)} chars"
             )
         return invalidate_tag(self.stack, tag)
+
+    # -- many keys at once
+
+    def get_many(self, keys: Iterable[str]) -> dict[str, Any]:
+        """The values of ``keys`` as a dict, each as :meth:`get` would return it; keys with no
+        value are left out. L1 first; the rest is read from L2 in one pipelined round trip
+        (with a resolver, what is still missing is loaded key by key, deduplicated as usual).
+        """
+        return self.stack.get_many(_check_keys(keys, "get_many"), self.options.resolver)
+
+    def set_many(self, values: Mapping[str, Any]) -> None:
+        """:meth:`set` each ``key: value``, the L2 writes pipelined in one round trip.
+
+        Not for write-through caches (each write goes through the origin: use :meth:`set`).
+        """
+        items = self._check_values(values, "set_many")
+        drive(write_many_steps(self.stack, items), self.stack.l2)
+
+    def delete_many(self, keys: Iterable[str]) -> None:
+        """:meth:`delete` each of ``keys``, the tombstones pipelined in one round trip."""
+        checked = list(dict.fromkeys(_check_keys(keys, "delete_many")))
+        drive(remove_many_steps(self.stack, checked), self.stack.l2)
+
+    def _check_values(self, values: Mapping[str, Any], method: str) -> dict[str, Any]:
+        if not isinstance(values, Mapping):
+            raise TypeError(f"{method}() takes a mapping of key: value")
+        if self.options.write_through is not None:
+            raise ConfigurationError(
+                f"{method}() on the write-through cache {self.name!r}: every write goes "
+                "through the origin; use set() for each"
+            )
+        _check_keys(values.keys(), method)
+        return dict(values)
+
+    # -- the async front (DESIGN section 10): the same steps, driven on the running loop
+
+    async def aget(self, key: str, default: Any = None) -> Any:
+        """:meth:`get` for asyncio code. An L1 hit does no I/O and never yields to the loop;
+        L2 is read through ``redis.asyncio`` on the running loop; an ``async def`` resolver
+        is awaited, a sync one runs in a worker thread."""
+        if type(key) is not str or not key:
+            raise _bad_key(key)
+        return await (self._stack or self._bind()).aget(key, self.options.resolver, default)
+
+    async def aget_or_set(
+        self, key: str, factory: Callable[[], Any] | Callable[[], Awaitable[Any]]
+    ) -> Any:
+        """:meth:`get_or_set` for asyncio code; ``factory`` may be sync or ``async def``."""
+        if type(key) is not str or not key:
+            raise _bad_key(key)
+        return await self.stack.aget(key, _factory_resolver(factory, "aget_or_set"))
+
+    async def aset(
+        self, key: str, value: Any, *, wait: bool = True, timeout: float = 30.0
+    ) -> WriteHandle | None:
+        """:meth:`set` for asyncio code. A write-through set (a Celery chain, or the origin
+        called inline) runs in a worker thread: the loop never waits on the broker."""
+        if type(key) is not str or not key:
+            raise _bad_key(key)
+        if self.options.write_through is not None:
+            return await asyncio.to_thread(self.set, key, value, wait=wait, timeout=timeout)
+        stack = self.stack
+        await adrive(write_steps(stack, key, value), stack.async_l2())
+        return None
+
+    async def adelete(self, key: str) -> None:
+        """:meth:`delete` for asyncio code."""
+        if type(key) is not str or not key:
+            raise _bad_key(key)
+        stack = self.stack
+        await adrive(remove_steps(stack, key), stack.async_l2())
+
+    async def aget_many(self, keys: Iterable[str]) -> dict[str, Any]:
+        """:meth:`get_many` for asyncio code."""
+        return await self.stack.aget_many(_check_keys(keys, "aget_many"), self.options.resolver)
+
+    async def aset_many(self, values: Mapping[str, Any]) -> None:
+        """:meth:`set_many` for asyncio code."""
+        items = self._check_values(values, "aset_many")
+        stack = self.stack
+        await adrive(write_many_steps(stack, items), stack.async_l2())
+
+    async def adelete_many(self, keys: Iterable[str]) -> None:
+        """:meth:`delete_many` for asyncio code."""
+        checked = list(dict.fromkeys(_check_keys(keys, "adelete_many")))
+        stack = self.stack
+        await adrive(remove_many_steps(stack, checked), stack.async_l2())
+
+    async def ainvalidate_pattern(self, pattern: str, *, allow_all: bool = False) -> int:
+        """:meth:`invalidate_pattern` for asyncio code (the scan runs in a worker thread)."""
+        return await asyncio.to_thread(self.invalidate_pattern, pattern, allow_all=allow_all)
+
+    async def ainvalidate_by_tag(self, tag: str) -> int:
+        """:meth:`invalidate_by_tag` for asyncio code (the pages run in a worker thread)."""
+        return await asyncio.to_thread(self.invalidate_by_tag, tag)
+
+    async def aget_stats(self, local: bool = False) -> dict[str, Any]:
+        """:meth:`get_stats` for asyncio code."""
+        if local or self._stack is None or self._stack.l2 is None:
+            return self.get_stats(local=local)  # no I/O
+        return await asyncio.to_thread(self.get_stats, local)
 
     def get_stats(self, local: bool = False) -> dict[str, Any]:
         """This cache's counters (DESIGN section 6), summed over every process and worker.

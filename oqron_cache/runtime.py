@@ -6,12 +6,15 @@ Each cache builds its :class:`~oqron_cache.stack.CacheStack` from these on first
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
 import threading
 import time
 import warnings
+import weakref
+from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any, cast
 from urllib.parse import urlsplit
 
@@ -31,6 +34,7 @@ from .engine.recovery import Recovery
 from .engine.refresh import Dispatcher
 from .engine.stack import CacheStack
 from .engine.stats_sync import StatsSync
+from .redis.aio import AsyncRedisConn, AsyncRedisStore, connect_async
 from .redis.bus import Bus
 from .redis.checks import is_tls_failure
 from .redis.clients import connect
@@ -60,6 +64,22 @@ def make_client(settings: Settings, retries: int = 1) -> redis.Redis:
     )
 
 
+def _close_with(loop: asyncio.AbstractEventLoop, conn: AsyncRedisConn) -> None:
+    """Close ``conn``'s pool when ``loop`` ends: ``asyncio.run`` (and any runner that calls
+    ``loop.shutdown_asyncgens()``) finalises the loop's async generators before it closes the
+    loop, and this one's ``finally`` closes the pool there, on its own loop."""
+
+    async def closer() -> AsyncIterator[None]:
+        try:
+            yield
+        finally:
+            await conn.close()
+
+    agen = closer()
+    conn.closer = agen  # a strong reference: the loop keeps only a weak one
+    loop.create_task(agen.__anext__())  # type: ignore[arg-type]
+
+
 class Runtime:
     """Live parts shared by every cache of this process."""
 
@@ -80,9 +100,13 @@ class Runtime:
             install(settings.celery_app)
             self.enqueuer = Enqueuer(settings.celery_app, settings.enqueue_budget)
         self._lock = threading.Lock()
+        # The async front's connections, one per event loop (a pool belongs to its loop).
+        self._aconns: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, AsyncRedisConn] = (
+            weakref.WeakKeyDictionary()
+        )
         if settings.redis_url is not None:
             self.client = make_client(settings)
-            self.conn = RedisConn(self.client, CircuitBreaker())
+            self.conn = RedisConn(self.client, CircuitBreaker(), op_timeout=settings.op_timeout)
             self.recovery = Recovery()
             self.conn.breaker.on_close = self.recovery.wake
             self.stats_sync = StatsSync(
@@ -192,6 +216,29 @@ class Runtime:
             self.stacks[cache.name] = stack
             return stack
 
+    def async_store(self, stack: CacheStack) -> AsyncRedisStore:
+        """``stack``'s L2 store on the running event loop."""
+        assert stack.l2 is not None
+        return self.async_conn().store(stack.l2.keys, stack.l2.channel)
+
+    def async_conn(self) -> AsyncRedisConn:
+        """The running loop's connection to Redis (made on its first use; no I/O until then)."""
+        loop = asyncio.get_running_loop()
+        conn = self._aconns.get(loop)
+        if conn is None:
+            with self._lock:
+                conn = self._aconns.get(loop)
+                if conn is None:
+                    assert self.conn is not None and self.settings.redis_url is not None
+                    client = connect_async(
+                        self.settings.redis_url,
+                        socket_timeout=self.settings.op_timeout,
+                        connect_timeout=self.settings.connect_timeout,
+                    )
+                    conn = self._aconns[loop] = AsyncRedisConn(client, self.conn)
+                    _close_with(loop, conn)
+        return conn
+
     def unbind(self, name: str) -> None:
         """Forget the stack of cache ``name`` (the cache was closed)."""
         with self._lock:
@@ -231,6 +278,18 @@ class Runtime:
         if self.client is not None:
             with contextlib.suppress(Exception):  # closing is best effort
                 self.client.close()
+        self._close_async()
+
+    def _close_async(self) -> None:
+        """Close the async front's pools on their own loops (those still running)."""
+        with self._lock:
+            conns = list(self._aconns.items())
+            self._aconns.clear()
+        for loop, conn in conns:
+            if loop.is_closed() or not loop.is_running():
+                continue  # its sockets go with the loop
+            with contextlib.suppress(RuntimeError):
+                asyncio.run_coroutine_threadsafe(conn.close(), loop)
 
     def abandon(self) -> None:
         """In a forked child: make this inherited Runtime inert, without I/O or locks.

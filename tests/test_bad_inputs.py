@@ -8,6 +8,7 @@ import asyncio
 import contextvars
 import decimal
 import hashlib
+import inspect
 import logging
 import re
 import uuid
@@ -106,13 +107,15 @@ def test_row1_async_generator_function_is_refused_at_decoration() -> None:
     assert_not_registered("stream")
 
 
-def test_row1_async_def_is_refused_at_decoration() -> None:
+def test_row1_async_def_gives_an_async_function_now_that_the_async_front_exists(
+    configured: str, closing: Closing
+) -> None:
     async def fetch(n: int) -> int:
         return n
 
-    with pytest.raises(TypeError, match=r"fetch is async"):
-        refreshing_cache(ttl="1m")(fetch)
-    assert_not_registered("fetch")
+    wrapped = closing(refreshing_cache(ttl="1m")(fetch))
+    assert inspect.iscoroutinefunction(wrapped)
+    assert asyncio.run(wrapped(3)) == 3
 
 
 @pytest.mark.parametrize("returns", ["coroutine", "generator"])

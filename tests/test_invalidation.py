@@ -113,16 +113,16 @@ def test_a_withdrawn_fill_read_by_another_thread_does_not_stay_in_l1(
 
     cache = tagged(make_cache, resolver=slow)
 
-    real_index = invalidation._index
+    real_index = invalidation._index_steps
 
     def index_after_a_read(stack: Any, key: str, entry: Any, started_us: int) -> Any:
         if started_us < 1 << 62:  # the check after a fill (not a slide's re-index)
             reader = threading.Thread(target=lambda: cache.get(key))
             reader.start()  # reads the just-filled entry from L2, puts it in L1
             reader.join(10)
-        return real_index(stack, key, entry, started_us)
+        return (yield from real_index(stack, key, entry, started_us))
 
-    monkeypatch.setattr(invalidation, "_index", index_after_a_read)
+    monkeypatch.setattr(invalidation, "_index_steps", index_after_a_read)
     loader = threading.Thread(target=lambda: cache.get("acct:1"))
     loader.start()
     assert started.wait(10)

@@ -267,6 +267,29 @@ def test_a_load_lock_requested_while_paused_does_not_stall_the_next_reader(
     assert time.monotonic() - started < 1.0, "the next read waited for a lock nobody holds"
 
 
+def test_a_lock_request_that_runs_after_its_caller_gave_up_takes_no_lock(
+    paused_redis: RedisServer, make_cache: Callable[..., Any]
+) -> None:
+    """Found by the 10-minute soak (P2): the orphan lock of a timed-out request is released by
+    the recovery queue once this process's breaker lets it through, but until then (its
+    cooldown) readers in every other process waited it out. A request that Redis runs after
+    its deadline (the caller's timeout, in Redis's clock) now takes no lock at all."""
+    cache = make_cache(tiers=tiers(), resolver=lambda key: "v", stampede=Stampede(lock_ttl="30s"))
+    l2 = cache.stack.l2
+    assert l2.acquire_or_read("warm", "t0", 1.0)[0]  # a reply: the clock offset is known
+    client = paused_redis.client()
+    with paused_redis.paused():
+        with pytest.raises(L2Unavailable):
+            l2.acquire_or_read("k", "t1", 30.0)  # queued in the sleeping server; we give up
+        time.sleep(OP_TIMEOUT)  # well past the request's deadline when the server wakes
+    time.sleep(0.2)  # the server has run what it had queued
+    assert client.get(l2.keys.lock("k")) is None
+    # A request answered in time still takes the lock.
+    l2.conn.breaker.success()  # (this process's breaker opened during the pause)
+    assert l2.acquire_or_read("k", "t2", 30.0)[0]
+    assert client.get(l2.keys.lock("k")) == b"rt2"
+
+
 def test_the_envelope_of_a_deferred_delete_is_a_tombstone_written_flag(
     configured: str, make_cache: Callable[..., Any]
 ) -> None:

@@ -797,6 +797,31 @@ def test_invalidation_tasks_sent_by_name_reach_l2_and_every_l1(
     assert web.ask("value", cmd="read", cache=rc.PLAIN, key=keys["keep"])["value"]["v"] == "keep"
 
 
+def test_the_installed_worker_app_runs_from_outside_a_checkout(
+    redis_client: redis.Redis, redis_url: str, namespace: str, tmp_path: Path
+) -> None:
+    """``celery -A oqron_cache.celery.worker worker``: the wheel's app, run where there is no
+    ``workers/`` package, serves tasks sent by name like the checkout's."""
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    with RedisServer() as broker:
+        worker = WorkerProcess(
+            tmp_path, broker.url, redis_url, namespace, modules="tests.procs.refresh_caches",
+            app="oqron_cache.celery.worker", cwd=elsewhere,
+        )  # fmt: skip
+        try:
+            worker.wait_ready()
+            assert "oqron_cache.refresh" in worker.log()  # the library's tasks are registered
+            space = _space(namespace, rc.PLAIN)
+            redis_client.set(space.value("gone"), b"x")
+            call = ("oqron_cache.invalidate", [rc.PLAIN, ["gone"]])
+            (task_id,) = _send_by_name(broker.url, [call])
+            worker.wait_for(_succeeded("oqron_cache.invalidate", task_id, "'deleted "))
+        finally:
+            worker.kill()
+    assert redis_client.get(space.value("gone")) != b"x"
+
+
 # -- 5. a resolver raising in the worker --------------------------------------------------------
 
 

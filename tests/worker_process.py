@@ -42,7 +42,8 @@ class WorkerProcess:
     ``broker`` ``None`` leaves ``OQRON_BROKER_URL`` unset: the worker derives its broker from
     the Redis URL. ``prefix`` starts the worker's node name (``<prefix><6 hex>@host``);
     ``extra_args`` are appended to the command line (``--without-mingle`` saves a 1 s
-    neighbour search per start).
+    neighbour search per start). ``app`` and ``cwd``: the Celery app module and the directory
+    it runs in (``oqron_cache.celery.worker`` from anywhere: the app an installed wheel has).
     """
 
     def __init__(
@@ -56,6 +57,8 @@ class WorkerProcess:
         prefix: str = "w",
         concurrency: int = 2,
         extra_args: Sequence[str] = ("--without-mingle",),
+        app: str = "workers",
+        cwd: Path = ROOT,
     ) -> None:
         self.name = f"{prefix}{uuid.uuid4().hex[:6]}"
         self.log_path = log_dir / f"{self.name}.log"
@@ -73,11 +76,11 @@ class WorkerProcess:
         with self.log_path.open("wb") as log:
             self.proc = subprocess.Popen(
                 [
-                    sys.executable, "-m", "celery", "-A", "workers", "worker", "-l", "info",
+                    sys.executable, "-m", "celery", "-A", app, "worker", "-l", "info",
                     "-c", str(concurrency), "--pool", "prefork", "-n", f"{self.name}@%h",
                     *extra_args,
                 ],
-                cwd=ROOT,
+                cwd=cwd,
                 env=env,
                 stdin=subprocess.DEVNULL,
                 stdout=log,

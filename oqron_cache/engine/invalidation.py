@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any, cast
 from ..core.entry import FLAG_TOMBSTONE, Entry, new_version, pack
 from ..core.keys import Glob
 from ..redis.store import L2Unavailable
+from .steps import SCRIPT, Step, drive
 
 if TYPE_CHECKING:
     from .stack import CacheStack
@@ -41,7 +42,7 @@ PAGE = 500
 TAG_SET_MARGIN_MS = 60_000  # a tag set outlives the entries it indexes by this much
 
 
-def _index(stack: CacheStack, key: str, entry: Entry, started_us: int) -> list[bytes]:
+def _index_steps(stack: CacheStack, key: str, entry: Entry, started_us: int) -> Step[list[bytes]]:
     """Run the INDEX script for ``entry``: the invalidations recorded since ``started_us``."""
     l2 = stack.l2
     assert l2 is not None
@@ -49,10 +50,15 @@ def _index(stack: CacheStack, key: str, entry: Entry, started_us: int) -> list[b
     keys = [ks.invalidations(), *(ks.tag_set(tag) for tag in entry.tags)]
     lifetime_ms = int((stack.opts.ttl + stack.opts.stale_ttl) * 1000)
     args = [ks.encoded(key), lifetime_ms + TAG_SET_MARGIN_MS, started_us, lifetime_ms * 1000]
-    return cast("list[bytes]", l2.conn.run(l2.conn.index_script, keys=keys, args=args))
+    return cast("list[bytes]", (yield (SCRIPT, "index_script", keys, args)))
 
 
 def after_fill(stack: CacheStack, key: str, entry: Entry, started_us: int) -> bool:
+    """:func:`after_fill_steps` on this thread."""
+    return drive(after_fill_steps(stack, key, entry, started_us), stack.l2)
+
+
+def after_fill_steps(stack: CacheStack, key: str, entry: Entry, started_us: int) -> Step[bool]:
     """Index a just-filled entry under its tags; withdraw it if an invalidation raced its load.
 
     Returns False if the entry was withdrawn (the caller must not keep it in L1 either).
@@ -60,7 +66,7 @@ def after_fill(stack: CacheStack, key: str, entry: Entry, started_us: int) -> bo
     if stack.l2 is None:
         return True
     try:
-        recent = _index(stack, key, entry, started_us)
+        recent = yield from _index_steps(stack, key, entry, started_us)
     except L2Unavailable:
         stack.stats.incr("l2_errors")
         return True
@@ -68,7 +74,7 @@ def after_fill(stack: CacheStack, key: str, entry: Entry, started_us: int) -> bo
         return True
     stack.stats.incr("invalidated_in_flight")
     try:
-        _drop(stack, stack.l2.keys.value(key), entry.version, announce=[key])
+        yield from _drop_steps(stack, stack.l2.keys.value(key), entry.version, announce=[key])
     except L2Unavailable:
         stack.stats.incr("l2_errors")
     # Another thread of this process may have read the entry from L2 since the fill and kept
@@ -79,12 +85,12 @@ def after_fill(stack: CacheStack, key: str, entry: Entry, started_us: int) -> bo
     return False
 
 
-def index_tags(stack: CacheStack, key: str, entry: Entry) -> None:
+def index_tags_steps(stack: CacheStack, key: str, entry: Entry) -> Step[None]:
     """A sliding entry lives on: index it again, so its tags keep finding it (best effort)."""
     if stack.l2 is None or not entry.tags:
         return
     try:
-        _index(stack, key, entry, 1 << 62)
+        yield from _index_steps(stack, key, entry, 1 << 62)
     except L2Unavailable:
         stack.stats.incr("l2_errors")
 
@@ -123,13 +129,15 @@ def _tombstone(stack: CacheStack) -> bytes:
     )
 
 
-def _drop(stack: CacheStack, value_key: str, version: bytes, announce: list[str]) -> int:
+def _drop_steps(
+    stack: CacheStack, value_key: str, version: bytes, announce: list[str]
+) -> Step[int]:
     l2 = stack.l2
     assert l2 is not None
     channel = l2.channel if announce else ""
     message = stack._message("evict", announce) if announce else b""
     args = [version, _tombstone(stack), int(stack._tombstone_ttl * 1000), channel, message]
-    return int(cast("int", l2.conn.run(l2.conn.drop_script, keys=[value_key], args=args)))
+    return int(cast("int", (yield (SCRIPT, "drop_script", [value_key], args))))
 
 
 def record(stack: CacheStack, invalidation: str) -> None:

@@ -18,7 +18,8 @@ from typing import TYPE_CHECKING, Any
 from ..core.entry import NO_VERSION
 from ..core.keys import printable
 from ..redis.store import L2Unavailable
-from .writes import Basis, store
+from .steps import EVENT, L2, RUN, SLEEP, WAIT, Step, drive
+from .writes import Basis, store_steps
 
 if TYPE_CHECKING:
     from .stack import CacheStack, Found, Resolver
@@ -32,6 +33,13 @@ WAIT_SLICE = 0.2  # a lost pub/sub message costs a waiter at most this long (saf
 def load_as_leader(
     stack: CacheStack, key: str, resolver: Resolver, fallback: Any, first: Found | None = None
 ) -> Any:
+    """:func:`load_as_leader_steps` on this thread."""
+    return drive(load_as_leader_steps(stack, key, resolver, fallback, first), stack.l2)
+
+
+def load_as_leader_steps(
+    stack: CacheStack, key: str, resolver: Resolver, fallback: Any, first: Found | None = None
+) -> Step[Any]:
     """Across processes: take the key's lock and load, or wait for the holder's fill.
 
     ``first`` is the L2 read the caller just made (saves one round trip).
@@ -42,15 +50,18 @@ def load_as_leader(
             return item.value
     if stack.l2 is None or not stack.opts.stampede.enabled:
         stamp, began, wall = stack.start(key)
-        found = stack._read_l2(key, recheck=True)
+        found = yield from stack._read_l2_steps(key, recheck=True)
         basis = found.basis() if found is not None else Basis(NO_VERSION, stamp, began, wall=wall)
-        return compute(stack, key, resolver, basis, fallback)
+        return (yield from compute_steps(stack, key, resolver, basis, fallback))
     lock_ttl = stack.opts.stampede.lock_ttl
     deadline = time.monotonic() + lock_ttl
     waiters = stack.runtime.bus.waiters if stack.runtime and stack.runtime.bus else None
     # Registered before anything is checked, so a fill landing between our check and our
     # wait still wakes us (no lost wake-up, no extra read).
-    event = waiters.register(stack.name, key) if waiters is not None else None
+    event = None
+    if waiters is not None:
+        event = yield (EVENT,)
+        waiters.register(stack.name, key, event)
     found = first
     waited = False
     redis_now: int | None = None
@@ -59,7 +70,7 @@ def load_as_leader(
             if found is None:  # L2 unavailable: nobody to coordinate with
                 stamp, began, wall = stack.start(key)
                 basis = Basis(NO_VERSION, stamp, began, wall=wall)
-                return compute(stack, key, resolver, basis, fallback)
+                return (yield from compute_steps(stack, key, resolver, basis, fallback))
             if found.entry is not None and stack.clock() < found.entry.fresh_until:
                 if waited:
                     stack.stats.incr("stampede_prevented")
@@ -72,24 +83,33 @@ def load_as_leader(
             try:
                 # A cold load: a lock held by a queued or failed refresh (nobody computing) is
                 # taken over rather than waited for, unless a worker must compute it anyway.
-                won, raw, redis_now, _ = stack.l2.acquire_or_read(
-                    key, token, lock_ttl, take_over=stack.opts.miss != "worker"
+                take_over = stack.opts.miss != "worker"
+                won, raw, redis_now, _ = yield (
+                    L2,
+                    "acquire_or_read",
+                    (key, token, lock_ttl, "r", take_over),
                 )
-            except L2Unavailable:
+            except BaseException as exc:
+                if not isinstance(exc, L2Unavailable):
+                    # Cancelled while asking: the lock may be ours, with nobody to compute.
+                    yield from stack._release_steps(key, token)
+                    raise
                 stack.stats.incr("l2_errors")
                 # The request may still reach Redis (a paused server runs it when it wakes):
                 # that lock must not stay behind with nobody to release it (P14). Our fill
                 # releases it if Redis answers by then; the recovery queue does otherwise.
                 stack._defer_release(key, token)
-                return compute(stack, key, resolver, found.basis(token), fallback)
+                basis = found.basis(token)
+                return (yield from compute_steps(stack, key, resolver, basis, fallback))
             found = stack._parse(key, raw, True, stamp, began, wall)
             if won:
                 if found.entry is not None and stack.clock() < found.entry.fresh_until:
-                    stack._release(key, token)
+                    yield from stack._release_steps(key, token)
                     stack._put_l1(key, found.entry, found.stamp)
                     return found.entry.value
-                if not load_in_worker(stack, key, resolver, token, found.seen):
-                    return compute(stack, key, resolver, found.basis(token, redis_now), fallback)
+                if not (yield from load_in_worker_steps(stack, key, resolver, token, found.seen)):
+                    basis = found.basis(token, redis_now)
+                    return (yield from compute_steps(stack, key, resolver, basis, fallback))
                 # miss="worker": a worker loads it; wait for its fill like any waiter.
             if found.entry is not None and stack.clock() < found.entry.fresh_until:
                 continue  # filled meanwhile: served at the top of the loop
@@ -97,42 +117,48 @@ def load_as_leader(
             if remaining <= 0:
                 # Liveness beats dedup: the holder is slow or dead; compute it ourselves.
                 stack.stats.incr("lock_timeouts")
-                return compute(stack, key, resolver, found.basis("", redis_now), fallback)
+                basis = found.basis("", redis_now)
+                return (yield from compute_steps(stack, key, resolver, basis, fallback))
             waited = True
             if event is not None:
-                event.wait(min(remaining, WAIT_SLICE))
+                yield (WAIT, event, min(remaining, WAIT_SLICE))
                 event.clear()
             else:
-                time.sleep(min(remaining, WAIT_SLICE / 4))
-            found = stack._read_l2(key, recheck=True)
+                yield (SLEEP, min(remaining, WAIT_SLICE / 4))
+            found = yield from stack._read_l2_steps(key, recheck=True)
             redis_now = None
     finally:
         if event is not None and waiters is not None:
             waiters.unregister(stack.name, key, event)
 
 
-def load_in_worker(
+def load_in_worker_steps(
     stack: CacheStack, key: str, resolver: Resolver, token: str, seen: bytes
-) -> bool:
+) -> Step[bool]:
     """miss="worker": hand a cold miss to a worker; False to load it here instead."""
     enqueuer = stack.runtime.enqueuer if stack.runtime is not None else None
     if stack.opts.miss != "worker" or enqueuer is None or resolver is not stack.opts.resolver:
         return False
-    if enqueuer.enqueue(stack.name, key, token, seen, stack.opts.stampede.lock_ttl):
+    lock_ttl = stack.opts.stampede.lock_ttl
+    # Publishing may wait for the broker (up to the enqueue budget): not on an event loop.
+    sent = yield (RUN, lambda _key: enqueuer.enqueue(stack.name, key, token, seen, lock_ttl), key)
+    if sent:
         return True
     stack.stats.incr("enqueue_failures")
     return False
 
 
-def compute(stack: CacheStack, key: str, resolver: Resolver, basis: Basis, fallback: Any) -> Any:
+def compute_steps(
+    stack: CacheStack, key: str, resolver: Resolver, basis: Basis, fallback: Any
+) -> Step[Any]:
     """Run the resolver, store the value (compare-and-set on ``basis.seen``), return it."""
     started = time.perf_counter()
     try:
-        value = resolver(key)
+        value = yield (RUN, resolver, key)
     except Exception:
         stack.stats.incr("resolver_errors")
         if basis.token:
-            stack._release(key, basis.token)
+            yield from stack._release_steps(key, basis.token)
         if fallback is not MISSING:
             stack.stats.incr("stale_served")
             log.warning(
@@ -143,8 +169,12 @@ def compute(stack: CacheStack, key: str, resolver: Resolver, basis: Basis, fallb
             )
             return fallback
         raise
+    except BaseException:  # cancelled: nobody computes under our lock any more
+        if basis.token:
+            yield from stack._release_steps(key, basis.token)
+        raise
     elapsed = time.perf_counter() - started
     stack.stats.incr("resolver_calls")
     stack.stats.observe("resolver", elapsed)
-    store(stack, key, value, basis, elapsed)
+    yield from store_steps(stack, key, value, basis, elapsed)
     return value

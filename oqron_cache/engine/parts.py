@@ -8,10 +8,11 @@ below the runtime, so it names them by these protocols rather than by their clas
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
     from ..core.flood import FloodGuard
+    from ..redis.aio import AsyncRedisStore
     from ..redis.bus import Bus
     from .recovery import Recovery
     from .refresh import Dispatcher
@@ -56,4 +57,8 @@ class Parts(Protocol):
     @property
     def flood(self) -> FloodGuard:
         """The rate limit of heavy bus messages."""
+        ...
+
+    def async_store(self, stack: Any) -> AsyncRedisStore:
+        """``stack``'s L2 store on the running event loop (one pool per loop)."""
         ...

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 
 from ..core.keys import printable
 from ..redis.store import COMPUTING, FAILED, QUEUED, L2Unavailable
+from .steps import call_sync
 from .writes import OVERSIZE, STORED, Basis, store
 
 if TYPE_CHECKING:
@@ -313,7 +314,7 @@ def run_refresh(
             basis = Basis(seen, stamp, began, None, token, wall)
     started = time.perf_counter()
     try:
-        value = resolver(key)
+        value = call_sync(resolver, key)  # an async resolver runs on this thread's loop
     except Exception:
         stack.stats.incr("refresh_failures")
         log.warning(

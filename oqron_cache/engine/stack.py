@@ -9,10 +9,12 @@ a ``set()`` writes is :mod:`.store`; a background refresh is :mod:`.refresh`.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import random
 import time
+import warnings
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -23,9 +25,10 @@ from ..core.metrics import LATENCY_SAMPLE, Stats
 from ..core.options import CacheOptions
 from ..redis.bus import encode_message
 from ..redis.store import L2Unavailable
-from .flight import Flights
+from .flight import Flights, HandedOn
 from .l1 import L1Item
-from .load import MISSING, load_as_leader
+from .load import MISSING, load_as_leader_steps
+from .steps import JOIN, L2, Step, adrive, drive
 from .tiers import L1Store, L2Store
 from .writes import MAX_TAG_BYTES, NEVER, Basis, encode, make_entry, remove, store, write
 
@@ -66,8 +69,28 @@ class Found:
         return Basis(self.seen, self.stamp, self.began, started_us, token, self.wall)
 
 
+UNREAD: Any = object()  # "L2 not read yet" (see CacheStack._below_steps)
+
+
+class _Pending:
+    """What the hot path returns to :meth:`CacheStack.aget` when L1 cannot serve: the
+    arguments of the steps below it (a value of this type is never cached)."""
+
+    __slots__ = ("args",)
+
+    def __init__(self, *args: Any) -> None:
+        self.args = args
+
+
+def _in_loop() -> bool:
+    """Is an event loop running in this thread (sync code called from async code)?"""
+    return asyncio._get_running_loop() is not None
+
+
 class CacheStack:
     """The engine of one cache in one process."""
+
+    _warned_in_loop = False  # once per process: get() below L1 inside a running event loop
 
     def __init__(
         self,
@@ -114,8 +137,19 @@ class CacheStack:
 
     # ------------------------------------------------------------------ reads
 
-    def get(self, key: str, resolver: Resolver | None, default: Any = None) -> Any:
-        """Return the value for ``key`` (L1 -> L2 -> ``resolver``); ``default`` if none."""
+    def get(
+        self,
+        key: str,
+        resolver: Resolver | None,
+        default: Any = None,
+        below: Callable[[str, L1Item | None, Resolver | None, Any], Any] | None = None,
+    ) -> Any:
+        """Return the value for ``key`` (L1 -> L2 -> ``resolver``); ``default`` if none.
+
+        The L1 part is the same for both fronts; what is not served from L1 goes on in
+        ``below`` (the sync front's :meth:`_read_below` by default; :meth:`aget` passes one that
+        hands the steps to the async driver instead).
+        """
         # The hot path (a fresh L1 hit): one counter, one locked dict lookup, one clock read.
         # The lookup is MemoryStore.get inlined (a call costs as much as the rest).
         sample = not (next(self._gets) % LATENCY_SAMPLE)
@@ -159,11 +193,85 @@ class CacheStack:
                             self.stats.incr("refreshes_dropped")
                     next(self._stale_fast)
                     return item.value
-        return self._read_below(key, item, resolver, default)
+        return (below or self._read_below)(key, item, resolver, default)
+
+    async def aget(self, key: str, resolver: Resolver | None, default: Any = None) -> Any:
+        """:meth:`get` on the running event loop: the same L1 path (no I/O, no yield to the
+        loop on a hit), then the same steps below it through the async driver."""
+        value = self.get(key, resolver, default, _Pending)
+        if type(value) is _Pending:
+            return await adrive(self._below_steps(*value.args), self.async_l2())
+        return value
+
+    def get_many(self, keys: list[str], resolver: Resolver | None) -> dict[str, Any]:
+        """:meth:`get` of each key: L1 first, then one L2 round trip for all the rest; a key
+        with no value (and no resolver) is left out of the result."""
+        return drive(self.get_many_steps(keys, resolver), self.l2)
+
+    async def aget_many(self, keys: list[str], resolver: Resolver | None) -> dict[str, Any]:
+        """:meth:`get_many` on the running loop."""
+        return await adrive(self.get_many_steps(keys, resolver), self.async_l2())
+
+    def get_many_steps(self, keys: list[str], resolver: Resolver | None) -> Step[dict[str, Any]]:
+        found: dict[str, Any] = {}
+        below: list[tuple[Any, ...]] = []
+        for key in dict.fromkeys(keys):
+            value = self.get(key, resolver, MISSING, _Pending)
+            if type(value) is _Pending:
+                below.append(value.args)
+            else:
+                found[key] = value
+        reads: list[Any] = [UNREAD] * len(below)
+        if len(below) > 1 and self.l2 is not None:
+            pending = [args[0] for args in below]
+            starts = [self.start(key) for key in pending]
+            try:
+                raws = yield (L2, "read_many", (pending,))
+            except L2Unavailable:
+                self.stats.incr("l2_errors")
+                reads = [None] * len(below)
+            else:
+                reads = [
+                    self._parse(key, raw, False, *start)
+                    for key, raw, start in zip(pending, raws, starts, strict=True)
+                ]
+        for (key, item, _resolver, default), first in zip(below, reads, strict=True):
+            found[key] = yield from self._below_steps(key, item, resolver, default, first)
+        return {key: found[key] for key in keys if found.get(key, MISSING) is not MISSING}
+
+    def async_l2(self) -> Any:
+        """The running loop's async L2 store of this cache (``None`` without L2)."""
+        if self.l2 is None or self.runtime is None:
+            return None
+        return self.runtime.async_store(self)
 
     def _read_below(
         self, key: str, item: L1Item | None, resolver: Resolver | None, default: Any
     ) -> Any:
+        if self.l2 is not None and not CacheStack._warned_in_loop and _in_loop():
+            CacheStack._warned_in_loop = True
+            warnings.warn(
+                f"cache {self.name!r}: get() called inside a running event loop waits for "
+                "Redis (and maybe the resolver) and blocks the loop meanwhile; use "
+                "'await cache.aget(...)' in async code",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+        return drive(self._below_steps(key, item, resolver, default), self.l2)
+
+    def _below_steps(
+        self,
+        key: str,
+        item: L1Item | None,
+        resolver: Resolver | None,
+        default: Any,
+        first: Any = UNREAD,
+    ) -> Step[Any]:
+        """Everything a read does below L1's hot path (see :mod:`.steps`).
+
+        ``first`` is this key's L2 read if the caller made it (``get_many``: one round trip
+        for all its keys), a :class:`Found` or ``None`` (L2 unavailable).
+        """
         now = self.clock()
         fallback: Any = MISSING  # a value we may still serve if everything below fails
         l1_fresh = False  # L1's copy is fresh; only its per-process bound (l1 ttl) has passed
@@ -187,29 +295,38 @@ class CacheStack:
             else:
                 self.l1.discard(key, item.version)  # type: ignore[union-attr]
         if resolver is None:
-            return self._below_l1(key, now, None, default, fallback, l1_fresh)[0]
-        # Single-flight from here on: one thread per key and process goes to L2 (and maybe the
-        # resolver); the others wait for it. Reading L2 before joining would send every
-        # thread's GET to Redis and queue the leader behind them.
-        flight, leader = self.flights.join(key)
-        if not leader:
+            steps = self._l2_steps(key, now, None, default, fallback, l1_fresh, first)
+            return (yield from steps)[0]
+        # Single-flight from here on: one thread or task per key and process goes to L2 (and
+        # maybe the resolver); the others wait for it. Reading L2 before joining would send
+        # every caller's GET to Redis and queue the leader behind them.
+        while True:
+            flight, leader = self.flights.join(key)
+            if leader:
+                break
             try:
-                return flight.wait()
+                return (yield (JOIN, flight))
+            except HandedOn:
+                continue  # its leader was cancelled: one of us leads now
             finally:
                 if flight.loaded:  # the leader loaded (or failed to): one load served us all
                     self.stats.incr("misses")
                     self.stats.incr("stampede_prevented")
         try:
-            value, loaded = self._below_l1(key, now, resolver, default, fallback, l1_fresh)
-        except BaseException as exc:
+            steps = self._l2_steps(key, now, resolver, default, fallback, l1_fresh, first)
+            value, loaded = yield from steps
+        except Exception as exc:
             flight.loaded = True
             self.flights.finish(key, flight, error=exc)
+            raise
+        except BaseException:  # cancelled (or interrupted): the followers carry on without us
+            self.flights.hand_on(key, flight)
             raise
         flight.loaded = loaded
         self.flights.finish(key, flight, value)
         return value
 
-    def _below_l1(
+    def _l2_steps(
         self,
         key: str,
         now: float,
@@ -217,9 +334,10 @@ class CacheStack:
         default: Any,
         fallback: Any,
         l1_fresh: bool,
-    ) -> tuple[Any, bool]:
+        first: Any = UNREAD,
+    ) -> Step[tuple[Any, bool]]:
         """L2, then the resolver. Returns the value and whether it had to be loaded."""
-        found = self._read_l2(key)
+        found = (yield from self._read_l2_steps(key)) if first is UNREAD else first
         if found is not None and found.entry is not None:
             entry = found.entry
             action = decide(entry.fresh_until, entry.stale_until, now, self._can_swr(resolver))
@@ -231,7 +349,7 @@ class CacheStack:
                         key, entry.fresh_until, early_from, entry.delta, entry.version, now
                     )
                 if self._sliding:
-                    entry = self._slide(key, entry, now)
+                    entry = yield from self._slide_steps(key, entry, now)
                 self._put_l1(key, entry, found.stamp)
                 return entry.value, False
             if action is Action.SERVE_AND_REFRESH:
@@ -246,13 +364,17 @@ class CacheStack:
         self.stats.incr("misses")
         if resolver is None:
             return default, False
-        return load_as_leader(self, key, resolver, fallback, found), True
+        return (yield from load_as_leader_steps(self, key, resolver, fallback, found)), True
 
     def _can_swr(self, resolver: Resolver | None) -> bool:
         # A stale value can only be refreshed in the background by the cache's own resolver.
         return self._swr and self.opts.resolver is not None and resolver is self.opts.resolver
 
     def _read_l2(self, key: str, recheck: bool = False) -> Found | None:
+        """Read ``key`` from L2 (see :meth:`_read_l2_steps`), on this thread."""
+        return drive(self._read_l2_steps(key, recheck), self.l2)
+
+    def _read_l2_steps(self, key: str, recheck: bool = False) -> Step[Found | None]:
         """Read ``key`` from L2. ``None`` if L2 is absent or unavailable.
 
         ``recheck`` marks a second read of the same key in one get (not counted as corrupt
@@ -263,7 +385,7 @@ class CacheStack:
         started = time.perf_counter()
         stamp, began, wall = self.start(key)
         try:
-            raw = self.l2.read(key)
+            raw = yield (L2, "read", (key,))
         except L2Unavailable:
             self.stats.incr("l2_errors")
             return None
@@ -339,29 +461,24 @@ class CacheStack:
             return Found(None, raw[2:10], stamp, began, wall)
         return Found(entry, entry.version, stamp, began, wall)
 
-    def _slide(self, key: str, entry: Entry, now: float) -> Entry:
+    def _slide_steps(self, key: str, entry: Entry, now: float) -> Step[Entry]:
         """Sliding strategy: push the entry's freshness forward in L2 (best effort)."""
         entry.fresh_until = now + self.opts.ttl
         entry.stale_until = entry.fresh_until + self.opts.stale_ttl
         if self.l2 is None:
             return entry
+        args = (key, entry.version, entry.fresh_until, entry.stale_until)
         try:
-            touched = self.l2.touch(
-                key,
-                entry.version,
-                entry.fresh_until,
-                entry.stale_until,
-                self.opts.ttl + self.opts.stale_ttl,
-            )
+            touched = yield (L2, "touch", (*args, self.opts.ttl + self.opts.stale_ttl))
         except L2Unavailable:
             self.stats.incr("l2_errors")
             return entry
         if touched and entry.tags:
             # The entry lives longer now: so must its tag index, or invalidate_by_tag would
             # no longer find it.
-            from .invalidation import index_tags
+            from .invalidation import index_tags_steps
 
-            index_tags(self, key, entry)
+            yield from index_tags_steps(self, key, entry)
         return entry
 
     # ------------------------------------------------------------------ writes and loads
@@ -445,8 +562,11 @@ class CacheStack:
         return runtime.bus.healthy or self.l2.conn.breaker.is_open
 
     def _release(self, key: str, token: str) -> None:
+        drive(self._release_steps(key, token), self.l2)
+
+    def _release_steps(self, key: str, token: str) -> Step[None]:
         try:
-            self.l2.release(key, token)  # type: ignore[union-attr]
+            yield (L2, "release", (key, token))
         except L2Unavailable:
             self.stats.incr("l2_errors")
             self._defer_release(key, token)

@@ -279,6 +279,21 @@ class L2Store(Protocol):
         """
         ...
 
+    def read_many(self, keys: list[str]) -> list[bytes | None]:
+        """:meth:`read` of each of ``keys``, in order, in one round trip (pipelined)."""
+        ...
+
+    def put_many(self, items: list[tuple[str, bytes, float, bytes]]) -> None:
+        """:meth:`put` of each ``(key, envelope, ttl, message)``, pipelined.
+
+        Raises ``L2Unavailable`` if the round trip failed (some may have landed: the caller
+        treats them all as not written, and replaying a newer version is harmless)."""
+        ...
+
+    def tombstone_many(self, items: list[tuple[str, bytes, float, bytes]]) -> None:
+        """:meth:`tombstone` of each ``(key, envelope, ttl, message)``, pipelined."""
+        ...
+
     def put(self, key: str, envelope: bytes, ttl: float, message: bytes) -> None:
         """Write ``envelope`` (physical TTL ``ttl``) unconditionally, and publish ``message``.
 

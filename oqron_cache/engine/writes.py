@@ -24,7 +24,8 @@ from ..core.entry import NO_VERSION, Entry, new_version, pack
 from ..core.errors import ConfigurationError
 from ..core.keys import printable
 from ..redis.store import L2Unavailable
-from .invalidation import after_fill
+from .invalidation import after_fill_steps
+from .steps import L2, Step, drive
 
 if TYPE_CHECKING:
     from .stack import CacheStack
@@ -129,6 +130,13 @@ def encode(stack: CacheStack, key: str, entry: Entry) -> bytes | None:
 def store(
     stack: CacheStack, key: str, value: Any, basis: Basis, delta: float, keep_lock: bool = False
 ) -> str:
+    """:func:`store_steps` on this thread."""
+    return drive(store_steps(stack, key, value, basis, delta, keep_lock), stack.l2)
+
+
+def store_steps(
+    stack: CacheStack, key: str, value: Any, basis: Basis, delta: float, keep_lock: bool = False
+) -> Step[str]:
     """Write a loaded value to L2 (only if still at ``basis.seen``) and to L1.
 
     Returns :data:`STORED`, or why it was not cached (:data:`OVERSIZE`, :data:`CONFLICT`,
@@ -143,31 +151,35 @@ def store(
         envelope = encode(stack, key, entry)
     except BaseException:
         if token:
-            stack._release(key, token)
+            yield from stack._release_steps(key, token)
         raise
     if envelope is None:
         if token and not keep_lock:
-            stack._release(key, token)
+            yield from stack._release_steps(key, token)
         return OVERSIZE
     if entry.stale_until <= stack.clock():
         # The load took longer than ttl + stale_ttl: its value may be returned to the callers
         # that waited for it, but it is already past what may ever be served again (P3).
         stack.stats.incr("fills_too_old")
         if token:
-            stack._release(key, token)
+            yield from stack._release_steps(key, token)
         return TOO_OLD
     if stack.l2 is not None:
         age = _age(basis)
         try:
-            outcome, now_us = stack.l2.fill(
-                key,
-                basis.seen,
-                envelope,
-                stack.opts.ttl + stack.opts.stale_ttl,
-                token,
-                stack._message("fill", [key]),
-                age,
-                stack._tombstone_ttl,
+            outcome, now_us = yield (
+                L2,
+                "fill",
+                (
+                    key,
+                    basis.seen,
+                    envelope,
+                    stack.opts.ttl + stack.opts.stale_ttl,
+                    token,
+                    stack._message("fill", [key]),
+                    age,
+                    stack._tombstone_ttl,
+                ),
             )
         except L2Unavailable:
             stack.stats.incr("l2_errors")
@@ -192,7 +204,7 @@ def store(
             started_us = basis.started_us
             if started_us is None:  # the first read failed: the load began ``age`` ago
                 started_us = now_us - int(age * 1_000_000)
-            if not after_fill(stack, key, entry, started_us):
+            if not (yield from after_fill_steps(stack, key, entry, started_us)):
                 return WITHDRAWN  # a pattern/tag invalidation raced the load
     stack._put_l1(key, entry, basis.stamp)
     return STORED
@@ -204,26 +216,31 @@ def _age(basis: Basis) -> float:
 
 
 def write(stack: CacheStack, key: str, value: Any) -> None:
+    """:func:`write_steps` on this thread."""
+    drive(write_steps(stack, key, value), stack.l2)
+
+
+def write_steps(stack: CacheStack, key: str, value: Any) -> Step[None]:
     """Write ``value`` to every tier and tell other processes to drop their copy."""
     stack.stats.incr("sets")
     entry = make_entry(stack, key, value, 0.0, written=True)
     envelope = encode(stack, key, entry)
     if envelope is None:  # too large to cache: at least stop serving the old value
-        remove(stack, key)
+        yield from remove_steps(stack, key)
         return
     ticket = stack.l1.begin_write(key) if stack.l1 is not None else 0
     try:
         if stack.l2 is not None:
             ttl = stack.opts.ttl + stack.opts.stale_ttl
             try:
-                stack.l2.put(key, envelope, ttl, stack._message("evict", [key]))
+                yield (L2, "put", (key, envelope, ttl, stack._message("evict", [key])))
             except L2Unavailable:
                 stack.stats.incr("l2_errors")
                 stack._defer_write(key, entry, envelope, ttl)
             else:
                 stack._settled(key)
                 if entry.tags:  # a written value is new data: index it, nothing to withdraw
-                    after_fill(stack, key, entry, NEVER)
+                    yield from after_fill_steps(stack, key, entry, NEVER)
     finally:
         stack.flights.forget([key])  # later reads must not join a load older than this write
         if stack.l1 is not None:
@@ -232,6 +249,11 @@ def write(stack: CacheStack, key: str, value: Any) -> None:
 
 
 def remove(stack: CacheStack, key: str) -> None:
+    """:func:`remove_steps` on this thread."""
+    drive(remove_steps(stack, key), stack.l2)
+
+
+def remove_steps(stack: CacheStack, key: str) -> Step[None]:
     """Remove ``key`` from every tier and every process's L1.
 
     L2 keeps a tombstone with a new version for ``stack._tombstone_ttl``, so a load or refresh
@@ -246,8 +268,9 @@ def remove(stack: CacheStack, key: str) -> None:
     now = stack.clock()
     tomb = Entry(None, now, now, now, new_version(), tombstone=True)
     envelope = pack(tomb, stack.codec.codec_id, b"")
+    message = stack._message("evict", [key])
     try:
-        stack.l2.tombstone(key, envelope, stack._tombstone_ttl, stack._message("evict", [key]))
+        yield (L2, "tombstone", (key, envelope, stack._tombstone_ttl, message))
     except L2Unavailable:
         stack.stats.incr("l2_errors")
         stack._defer_write(key, tomb, envelope, stack._tombstone_ttl)
@@ -256,3 +279,76 @@ def remove(stack: CacheStack, key: str) -> None:
     stack.flights.forget([key])  # later reads must not join a load that began before this
     if stack.l1 is not None:
         stack.l1.evict(key)  # reads that began during the call must not put the value back
+
+
+def write_many_steps(stack: CacheStack, values: dict[str, Any]) -> Step[None]:
+    """:func:`write_steps` for many keys, their L2 writes in one pipelined round trip."""
+    written: list[tuple[str, Entry, bytes]] = []
+    for key, value in values.items():
+        entry = make_entry(stack, key, value, 0.0, written=True)
+        envelope = encode(stack, key, entry)
+        if envelope is None:  # too large to cache: at least stop serving the old value
+            stack.stats.incr("sets")
+            yield from remove_steps(stack, key)
+        else:
+            written.append((key, entry, envelope))
+    if not written:
+        return
+    stack.stats.incr("sets", len(written))
+    tickets = [stack.l1.begin_write(key) if stack.l1 is not None else 0 for key, _, _ in written]
+    try:
+        if stack.l2 is not None:
+            ttl = stack.opts.ttl + stack.opts.stale_ttl
+            items = [
+                (key, envelope, ttl, stack._message("evict", [key]))
+                for key, _, envelope in written
+            ]
+            try:
+                yield (L2, "put_many", (items,))
+            except L2Unavailable:
+                stack.stats.incr("l2_errors")
+                for key, entry, envelope in written:
+                    stack._defer_write(key, entry, envelope, ttl)
+            else:
+                for key, entry, _ in written:
+                    stack._settled(key)
+                    if entry.tags:
+                        yield from after_fill_steps(stack, key, entry, NEVER)
+    finally:
+        stack.flights.forget([key for key, _, _ in written])
+        if stack.l1 is not None:
+            writable = stack._l1_writable()
+            for (key, entry, _), ticket in zip(written, tickets, strict=True):
+                item = stack._l1_item(entry) if writable else None
+                stack.l1.end_write(key, item, ticket)
+
+
+def remove_many_steps(stack: CacheStack, keys: list[str]) -> Step[None]:
+    """:func:`remove_steps` for many keys, their tombstones in one pipelined round trip."""
+    if not keys:
+        return
+    stack.stats.incr("deletes", len(keys))
+    if stack.l1 is not None:
+        stack.l1.evict_many(keys)
+    if stack.l2 is None:
+        return
+    now = stack.clock()
+    tombs = [(key, Entry(None, now, now, now, new_version(), tombstone=True)) for key in keys]
+    envelopes = [pack(tomb, stack.codec.codec_id, b"") for _, tomb in tombs]
+    ttl = stack._tombstone_ttl
+    items = [
+        (key, envelope, ttl, stack._message("evict", [key]))
+        for (key, _), envelope in zip(tombs, envelopes, strict=True)
+    ]
+    try:
+        yield (L2, "tombstone_many", (items,))
+    except L2Unavailable:
+        stack.stats.incr("l2_errors")
+        for (key, tomb), envelope in zip(tombs, envelopes, strict=True):
+            stack._defer_write(key, tomb, envelope, ttl)
+    else:
+        for key in keys:
+            stack._settled(key)
+    stack.flights.forget(keys)
+    if stack.l1 is not None:
+        stack.l1.evict_many(keys)

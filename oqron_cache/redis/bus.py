@@ -85,16 +85,21 @@ class Waiters:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._events: dict[tuple[str, str], list[threading.Event]] = {}
+        self._events: dict[tuple[str, str], list[Any]] = {}
 
-    def register(self, cache: str, key: str) -> threading.Event:
-        """Register interest in ``key`` *before* re-checking L2 (no lost wake-up)."""
-        event = threading.Event()
+    def register(self, cache: str, key: str, event: Any = None) -> Any:
+        """Register interest in ``key`` *before* re-checking L2 (no lost wake-up).
+
+        ``event`` is anything with ``set()`` that may be called from the listener's thread (a
+        ``threading.Event`` by default; the async front's waits on the loop); it is returned.
+        """
+        if event is None:
+            event = threading.Event()
         with self._lock:
             self._events.setdefault((cache, key), []).append(event)
         return event
 
-    def unregister(self, cache: str, key: str, event: threading.Event) -> None:
+    def unregister(self, cache: str, key: str, event: Any) -> None:
         """Forget ``event`` (after it fired or timed out)."""
         with self._lock:
             events = self._events.get((cache, key))

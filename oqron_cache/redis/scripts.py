@@ -81,16 +81,25 @@ return {t[1], t[2], redis.call('GET', KEYS[1])}
 # ARGV[2] - lock TTL, ms
 # ARGV[3] - the phase the caller takes it in ('r' or 'q')
 # ARGV[4] - '1': take over a lock in phase 'q' or 'f' (a cold load), else '0'
+# ARGV[5] - the instant (Redis's clock, µs) the caller stops waiting for the reply; '0': none
 # Try to take the lock and, in the same round trip, read the entry: a waiter learns whether a
-# holder filled it already, a winner double-checks before running the resolver.
+# holder filled it already, a winner double-checks before running the resolver. A request that
+# runs after its caller gave up (a paused server runs what it had queued when it wakes) takes
+# no lock: nobody would compute under it, and every reader of the key would wait it out.
 # Returns {1 if the lock was taken else 0, the envelope or nil, Redis time in µs, the lock's
 # remaining ms (when not taken: when it is worth asking again), the holder's phase ('' if
 # taken)}.
 ACQUIRE_OR_READ = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local mine = ARGV[3] .. ARGV[1]
-local won = redis.call('SET', KEYS[2], mine, 'NX', 'PX', ARGV[2])
+local deadline = tonumber(ARGV[5] or '0')
+local won = false
+if deadline == 0 or now <= deadline then
+  won = redis.call('SET', KEYS[2], mine, 'NX', 'PX', ARGV[2])
+end
 local phase = ''
-if not won then
+if not won and (deadline == 0 or now <= deadline) then
   local held = redis.call('GET', KEYS[2])
   if held then phase = string.sub(held, 1, 1) end
   if ARGV[4] == '1' and (phase == 'q' or phase == 'f') then
@@ -100,8 +109,6 @@ if not won then
   end
 end
 local cur = redis.call('GET', KEYS[1])
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 if won then
   return {1, cur, now, tonumber(ARGV[2]), ''}
 end

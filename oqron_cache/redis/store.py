@@ -43,42 +43,122 @@ class L2Unavailable(Exception):
 COMPUTING, QUEUED, FAILED = "r", "q", "f"
 
 
+# What a call to Redis may raise that the library degrades on (anything else is a bug).
+UNREACHABLE = (RedisConnectionError, RedisTimeoutError, OSError, RedisClusterException)
+FAILURES = (*UNREACHABLE, RedisError)
+
+
 def _ms(seconds: float) -> int:
     return max(1, int(seconds * 1000))
 
 
+# Arguments and replies of the entry operations, shared by the sync store below and the async
+# front's (:mod:`.aio`): the two differ only in how they send.
+
+
+def acquire_args(
+    token: str, ttl: float, phase: str, take_over: bool, deadline_us: int = 0
+) -> list[Any]:
+    return [token, _ms(ttl), phase, "1" if take_over else "0", deadline_us]
+
+
+def acquire_reply(reply: Any, ttl: float) -> tuple[bool, bytes | None, int, float]:
+    won, raw, now, left_ms, _phase = cast("list[Any]", reply)
+    left = int(left_ms) / 1000 if int(left_ms) > 0 else ttl  # -1: no TTL (not ours)
+    return bool(won), raw, int(now), left
+
+
+def fill_args(
+    seen_version: bytes,
+    envelope: bytes,
+    ttl: float,
+    token: str,
+    channel: str,
+    message: bytes,
+    age: float,
+    horizon: float,
+) -> list[Any]:
+    limit = 1 << 62 if horizon == float("inf") else _ms(horizon)
+    return [seen_version, envelope, _ms(ttl), token, channel, message, int(age * 1000), limit]
+
+
+def write_args(envelope: bytes, ttl: float, channel: str, message: bytes) -> list[Any]:
+    """A put's or a tombstone's arguments."""
+    return [envelope, max(1, int(ttl * 1000)), channel, message]
+
+
+def touch_args(version: bytes, fresh_until: float, stale_until: float, ttl: float) -> list[Any]:
+    return [version, _TIMES.pack(fresh_until, stale_until), max(1, int(ttl * 1000))]
+
+
+def clock_us(seconds: Any, micros: Any) -> int:
+    return int(seconds) * 1_000_000 + int(micros)
+
+
+# The library's scripts, by the attribute of a connection that runs them.
+SCRIPT_SOURCES: dict[str, str] = {
+    "fill_script": scripts.FILL,
+    "put_script": scripts.PUT,
+    "release_script": scripts.RELEASE,
+    "extend_script": scripts.EXTEND,
+    "touch_script": scripts.TOUCH,
+    "tombstone_script": scripts.TOMBSTONE,
+    "acquire_script": scripts.ACQUIRE_OR_READ,
+    "index_script": scripts.INDEX,
+    "record_script": scripts.RECORD,
+    "drop_script": scripts.DROP_IF_VERSION,
+    "put_if_newer_script": scripts.PUT_IF_NEWER,
+    "write_if_newer_script": scripts.WRITE_IF_NEWER,
+    "drop_tagged_script": scripts.DROP_IF_TAGGED,
+    "unindex_script": scripts.UNINDEX,
+    "origin_begin_script": scripts.ORIGIN_BEGIN,
+    "origin_done_script": scripts.ORIGIN_DONE,
+    "read_at_script": scripts.READ_AT,
+    "claim_read_script": scripts.CLAIM_READ,
+}
+
+
 class RedisConn:
     """A redis-py client with a circuit breaker and the library's scripts registered once."""
+
+    fill_script: Script
+    put_script: Script
+    release_script: Script
+    extend_script: Script
+    touch_script: Script
+    tombstone_script: Script
+    acquire_script: Script
+    index_script: Script
+    record_script: Script
+    drop_script: Script
+    put_if_newer_script: Script
+    write_if_newer_script: Script
+    drop_tagged_script: Script
+    unindex_script: Script
+    origin_begin_script: Script
+    origin_done_script: Script
+    read_at_script: Script
+    claim_read_script: Script
 
     def __init__(
         self,
         client: redis.Redis,
         breaker: CircuitBreaker | None = None,
         on_failure: Callable[[str], None] | None = None,
+        op_timeout: float | None = None,
     ) -> None:
         self.client = client
+        # How long a caller waits for a reply (the client's socket timeout), and how far
+        # Redis's clock is ahead of ours (µs; None until a reply told us): together they tell
+        # a lock request when its caller stops waiting, in Redis's clock (see ACQUIRE_OR_READ).
+        self.op_timeout = op_timeout
+        self.clock_offset_us: int | None = None
         self.cluster = is_cluster_client(client)
         self.breaker = breaker or CircuitBreaker()
         self._on_failure = on_failure
         self._quiet_until: dict[str, float] = {}
-        self.fill_script = client.register_script(scripts.FILL)
-        self.put_script = client.register_script(scripts.PUT)
-        self.release_script = client.register_script(scripts.RELEASE)
-        self.extend_script = client.register_script(scripts.EXTEND)
-        self.touch_script = client.register_script(scripts.TOUCH)
-        self.tombstone_script = client.register_script(scripts.TOMBSTONE)
-        self.acquire_script = client.register_script(scripts.ACQUIRE_OR_READ)
-        self.index_script = client.register_script(scripts.INDEX)
-        self.record_script = client.register_script(scripts.RECORD)
-        self.drop_script = client.register_script(scripts.DROP_IF_VERSION)
-        self.put_if_newer_script = client.register_script(scripts.PUT_IF_NEWER)
-        self.write_if_newer_script = client.register_script(scripts.WRITE_IF_NEWER)
-        self.drop_tagged_script = client.register_script(scripts.DROP_IF_TAGGED)
-        self.unindex_script = client.register_script(scripts.UNINDEX)
-        self.origin_begin_script = client.register_script(scripts.ORIGIN_BEGIN)
-        self.origin_done_script = client.register_script(scripts.ORIGIN_DONE)
-        self.read_at_script = client.register_script(scripts.READ_AT)
-        self.claim_read_script = client.register_script(scripts.CLAIM_READ)
+        for name, source in SCRIPT_SOURCES.items():
+            setattr(self, name, client.register_script(source))
 
     def primaries(self) -> list[redis.Redis]:
         """A client of each primary: the client itself on one server, one per cluster node."""
@@ -129,21 +209,43 @@ class RedisConn:
             raise L2Unavailable("circuit open")
         try:
             result = fn(*args, **kwargs)
-        except (RedisConnectionError, RedisTimeoutError, OSError, RedisClusterException) as exc:
-            # RedisClusterException: no node answers the layout query, or a slot has no node.
-            self.breaker.failure()
-            self._failed("unreachable", exc)
-            raise L2Unavailable(f"redis unreachable: {type(exc).__name__}") from exc
-        except ResponseError as exc:
-            self.breaker.success()
-            self._failed("refused", exc)
-            raise L2Unavailable(f"redis refused: {str(exc)[:80]}") from exc
-        except RedisError as exc:
-            self.breaker.failure()
-            self._failed("error", exc)
-            raise L2Unavailable(f"redis error: {type(exc).__name__}") from exc
+        except FAILURES as exc:
+            raise self.unavailable(exc) from exc
         self.breaker.success()
         return result
+
+    def deadline_us(self) -> int:
+        """When a request sent now stops being waited for, in Redis's clock (0: unknown).
+
+        A tenth of the timeout (and 5 ms) of slack: a request refused by mistake only costs
+        its caller another look (it waits as if the lock were taken), never a stall.
+        """
+        offset = self.clock_offset_us
+        if offset is None or self.op_timeout is None:
+            return 0
+        slack = max(0.005, self.op_timeout / 10)
+        return int((time.time() + self.op_timeout + slack) * 1_000_000) + offset
+
+    def observe_clock(self, redis_now_us: int) -> None:
+        """A reply carried Redis's clock: note how far ahead of ours it is."""
+        self.clock_offset_us = redis_now_us - int(time.time() * 1_000_000)
+
+    def unavailable(self, exc: BaseException) -> L2Unavailable:
+        """Count a failed call in the breaker and the log; the error to raise in its place.
+
+        Shared with the async front's connections (:mod:`.aio`), which use the same breaker.
+        """
+        if isinstance(exc, ResponseError):
+            self.breaker.success()
+            self._failed("refused", exc)
+            return L2Unavailable(f"redis refused: {str(exc)[:80]}")
+        self.breaker.failure()
+        if isinstance(exc, UNREACHABLE):
+            # RedisClusterException: no node answers the layout query, or a slot has no node.
+            self._failed("unreachable", exc)
+            return L2Unavailable(f"redis unreachable: {type(exc).__name__}")
+        self._failed("error", exc)
+        return L2Unavailable(f"redis error: {type(exc).__name__}")
 
     def _failed(self, kind: str, exc: BaseException) -> None:
         # At most one warning per kind every LOG_EVERY seconds: an outage must not flood logs.
@@ -174,7 +276,7 @@ class RedisStore:
         if self.conn.cluster:  # TIME cannot be pipelined there: it names no slot
             reply = self.conn.run(self.conn.read_at_script, keys=[self.keys.value(key)])
             seconds, micros, found = cast("list[Any]", reply)
-            return found or None, int(seconds) * 1_000_000 + int(micros)
+            return found or None, clock_us(seconds, micros)
 
         def both() -> list[Any]:
             pipe = self.conn.client.pipeline(transaction=False)
@@ -183,7 +285,7 @@ class RedisStore:
             return pipe.execute()
 
         (seconds, micros), raw = self.conn.run(both)
-        return cast("bytes | None", raw), int(seconds) * 1_000_000 + int(micros)
+        return cast("bytes | None", raw), clock_us(seconds, micros)
 
     def acquire(self, key: str, token: str, ttl: float) -> bool:
         """Try to take ``key``'s lock (``SET NX PX``, phase "r"); True if this caller holds it."""
@@ -209,11 +311,10 @@ class RedisStore:
         seconds the lock is held for (``ttl`` if taken, else what is left of the holder's).
         """
         keys = [self.keys.value(key), self.keys.lock(key)]
-        args = [token, _ms(ttl), phase, "1" if take_over else "0"]
-        reply = self.conn.run(self.conn.acquire_script, keys=keys, args=args)
-        won, raw, now, left_ms, _phase = cast("list[Any]", reply)
-        left = int(left_ms) / 1000 if int(left_ms) > 0 else ttl  # -1: no TTL (not ours)
-        return bool(won), raw, int(now), left
+        args = acquire_args(token, ttl, phase, take_over, self.conn.deadline_us())
+        reply = acquire_reply(self.conn.run(self.conn.acquire_script, keys=keys, args=args), ttl)
+        self.conn.observe_clock(reply[2])
+        return reply
 
     def claim_read(self, key: str, token: str, ttl: float) -> tuple[bytes | None, int, int]:
         """A worker starts the refresh it was sent under lock ``token``: claim the lock (its
@@ -268,24 +369,45 @@ class RedisStore:
         Redis's clock in µs.
         """
         keys = [self.keys.value(key), self.keys.lock(key)]
-        limit = 1 << 62 if horizon == float("inf") else _ms(horizon)
-        args = [
-            seen_version,
-            envelope,
-            _ms(ttl),
-            token,
-            self.channel,
-            message,
-            int(age * 1000),
-            limit,
-        ]
+        args = fill_args(seen_version, envelope, ttl, token, self.channel, message, age, horizon)
         reply = self.conn.run(self.conn.fill_script, keys=keys, args=args)
         written, now_us = cast("list[int]", reply)
         return int(written), int(now_us)
 
+    def read_many(self, keys: list[str]) -> list[bytes | None]:
+        """The raw envelopes of ``keys`` (``None`` where absent), in one pipelined round trip
+        (one per node on a cluster)."""
+
+        def all_of_them() -> list[bytes | None]:
+            pipe = self.conn.client.pipeline(transaction=False)
+            for key in keys:
+                pipe.get(self.keys.value(key))
+            return cast("list[bytes | None]", pipe.execute())
+
+        return self.conn.run(all_of_them)
+
+    def put_many(self, items: list[tuple[str, bytes, float, bytes]]) -> None:
+        """:meth:`put` each ``(key, envelope, ttl, message)``, pipelined."""
+        calls = [
+            ([self.keys.value(key)], write_args(envelope, ttl, self.channel, message))
+            for key, envelope, ttl, message in items
+        ]
+        self.conn.run(self.conn.run_each, self.conn.put_script, calls)
+
+    def tombstone_many(self, items: list[tuple[str, bytes, float, bytes]]) -> None:
+        """:meth:`tombstone` each ``(key, envelope, ttl, message)``, pipelined."""
+        calls = [
+            (
+                [self.keys.value(key), self.keys.lock(key)],
+                write_args(envelope, ttl, self.channel, message),
+            )
+            for key, envelope, ttl, message in items
+        ]
+        self.conn.run(self.conn.run_each, self.conn.tombstone_script, calls)
+
     def put(self, key: str, envelope: bytes, ttl: float, message: bytes) -> None:
         """Write ``envelope`` unconditionally (a set or a tombstone) and announce it."""
-        args = [envelope, max(1, int(ttl * 1000)), self.channel, message]
+        args = write_args(envelope, ttl, self.channel, message)
         self.conn.run(self.conn.put_script, keys=[self.keys.value(key)], args=args)
 
     def scan(self, match: str, count: int) -> Iterator[bytes]:
@@ -319,7 +441,7 @@ class RedisStore:
 
     def tombstone(self, key: str, envelope: bytes, ttl: float, message: bytes) -> None:
         """Delete ``key``'s value, announce it, and leave ``envelope`` (a tombstone) behind."""
-        args = [envelope, max(1, int(ttl * 1000)), self.channel, message]
+        args = write_args(envelope, ttl, self.channel, message)
         keys = [self.keys.value(key), self.keys.lock(key)]
         self.conn.run(self.conn.tombstone_script, keys=keys, args=args)
 
@@ -327,5 +449,5 @@ class RedisStore:
         self, key: str, version: bytes, fresh_until: float, stale_until: float, ttl: float
     ) -> bool:
         """Sliding strategy: move the entry's freshness forward if it is still ``version``."""
-        args = [version, _TIMES.pack(fresh_until, stale_until), max(1, int(ttl * 1000))]
+        args = touch_args(version, fresh_until, stale_until, ttl)
         return bool(self.conn.run(self.conn.touch_script, keys=[self.keys.value(key)], args=args))
