@@ -12,7 +12,15 @@ import argparse
 import time
 from collections.abc import Callable
 
-from . import expired_stampede, l1_hit, l2_hit, refresh_trigger, refresh_visible, stampede
+from . import (
+    async_hit,
+    expired_stampede,
+    l1_hit,
+    l2_hit,
+    refresh_trigger,
+    refresh_visible,
+    stampede,
+)
 from .common import Report, machine_info, redis_url, write_results
 
 ALL = (
@@ -22,6 +30,7 @@ ALL = (
     "refresh_trigger",
     "expired_stampede",
     "refresh_visible",
+    "async_hit",
 )
 
 
@@ -43,6 +52,7 @@ def main(argv: list[str] | None = None) -> int:
         ),
         "expired_stampede": lambda: expired_stampede.run(url, runs=1 if quick else 5),
         "refresh_visible": lambda: refresh_visible.run(url, rounds=3 if quick else 20),
+        "async_hit": lambda: async_hit.run(url, reps=200 if quick else 2000),
     }
     wanted = [name.strip() for name in args.only.split(",") if name.strip()]
     unknown = [name for name in wanted if name not in benchmarks]

@@ -157,6 +157,8 @@ class Runtime:
         self.bus.start(wait=1.0)
         if self.stats_sync is not None:
             self.stats_sync.start()
+        if self.recovery is not None:
+            self.recovery.start()
 
     def _check_eviction_policy(self) -> None:
         """Warn if the cache's Redis is also the Celery broker and evicts any key (row 19)."""

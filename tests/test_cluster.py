@@ -7,6 +7,7 @@ primaries by their hash tag, and the tests check that they really are.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
@@ -323,6 +324,26 @@ def test_get_set_delete_get_or_set_on_every_node(
     assert calls == keys[:15]  # each factory ran once
     stats = cache.get_stats(local=True)
     assert stats["l2_errors"] == 0
+
+
+def test_the_async_front_on_every_node(make_cache: Callable[..., Any], raw: RedisCluster) -> None:
+    cache = make_cache(ttl="1m")
+    keys = spread_keys(raw, cache, "a", 30)
+
+    async def scenario() -> None:
+        await cache.aset_many({key: {"i": i} for i, key in enumerate(keys)})
+        assert len(on_nodes(raw, cache, keys)) == NODES
+        cache.stack.flush_l1()
+        assert [await cache.aget(k) for k in keys[:10]] == [{"i": i} for i in range(10)]
+        cache.stack.flush_l1()
+        assert await cache.aget_many(keys) == {k: {"i": i} for i, k in enumerate(keys)}
+        await cache.adelete_many(keys[:15])
+        await cache.adelete(keys[15])
+        assert await cache.aget_many(keys[:16]) == {}
+        assert await cache.aget_or_set(keys[0], lambda: "made") == "made"
+
+    asyncio.run(scenario())
+    assert cache.get_stats(local=True)["l2_errors"] == 0
 
 
 def test_stale_while_revalidate_refreshes_in_the_dispatcher(make_cache: Callable[..., Any]) -> None:

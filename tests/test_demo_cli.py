@@ -420,7 +420,7 @@ def readme_blocks(language: str) -> list[tuple[int, str]]:
 
 def test_readme_python_examples_compile() -> None:
     blocks = readme_blocks("python")
-    assert len(blocks) >= 3
+    assert len(blocks) >= 2  # one example per front; tests/test_docs.py runs them
     for start, source in blocks:
         compile(source, f"README.md:{start}", "exec")
 

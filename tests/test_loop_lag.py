@@ -1,9 +1,15 @@
 """P12 on the async front: nothing the library does blocks the event loop.
 
-A monitor task measures how late ``asyncio.sleep(0.001)`` wakes while tasks read through the
-cache and Redis is paused (SIGSTOP), killed, or slow (a proxy that delays every chunk), and
-while 10,000 tasks ask for one cold key. The worst lateness must stay under 5 ms: no call of
-the async front holds the loop longer (DESIGN P12).
+While tasks read through the cache and Redis is paused (SIGSTOP), killed, or slow (a proxy that
+delays every chunk), and while 10,000 tasks ask for one cold key, two things are measured:
+
+* every callback the loop runs (each step of every task: what a call of the async front does
+  between two awaits) is timed, and none may take 5 ms or more: no call of the async front
+  holds the loop longer (DESIGN P12);
+* a monitor task measures how late ``asyncio.sleep(0.001)`` wakes. Its lateness also counts
+  what the machine does to the process (this VM's two cores are shared with Redis, the other
+  processes and the hypervisor: a descheduled process wakes late with no callback to blame),
+  so its 99th percentile must stay under 5 ms, and its worst under 20 ms.
 
 Two pauses that are the interpreter's, not the front's, are kept out of the measurement: the
 garbage collector is off while a scenario runs, and the GIL's switch interval is 0.5 ms
@@ -16,7 +22,9 @@ steadier loop lower it the same way (``sys.setswitchinterval``; see the README's
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
+import subprocess
 import sys
 import time
 from collections.abc import Awaitable, Callable, Iterator
@@ -25,36 +33,86 @@ from typing import Any
 import pytest
 
 import oqron_cache
-from bench.proxy import Proxy
 from oqron_cache import RedisTier, Stampede
 from oqron_cache.config import reset
-from tests.redis_server import RedisServer
+from tests.redis_server import RedisServer, free_port
 
 pytestmark = pytest.mark.timeout(120)
 
-MAX_LAG = 0.005
+MAX_LAG = 0.005  # no callback of the loop may run this long; nor the monitor's p99 lateness
+WORST_LATE = 0.020  # the monitor's worst lateness, scheduler jitter included
+
+
+class SlowCallbacks:
+    """Times every callback the loop runs (asyncio's ``Handle._run``) while installed."""
+
+    def __init__(self) -> None:
+        self.slowest = 0.0
+        self.what = ""
+        self._run: Any = None
+
+    def __enter__(self) -> SlowCallbacks:
+        handle = asyncio.events.Handle
+        original = self._run = handle._run
+        monitor = self
+
+        def timed(this: Any) -> None:
+            started = time.perf_counter()
+            original(this)
+            took = time.perf_counter() - started
+            if took > monitor.slowest:
+                monitor.slowest, monitor.what = took, repr(this)[:200]
+
+        handle._run = timed  # type: ignore[method-assign,assignment]
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        asyncio.events.Handle._run = self._run  # type: ignore[method-assign]
 
 
 class LagMonitor:
     """How late ``asyncio.sleep(0.001)`` wakes, at worst, while it runs."""
 
     def __init__(self) -> None:
-        self.worst = 0.0
-        self.samples = 0
+        self.lateness: list[float] = []
+        self.callbacks = SlowCallbacks()
         self._task: asyncio.Task[None] | None = None
+
+    @property
+    def samples(self) -> int:
+        return len(self.lateness)
+
+    @property
+    def worst(self) -> float:
+        return max(self.lateness, default=0.0)
+
+    @property
+    def p99(self) -> float:
+        ordered = sorted(self.lateness)
+        return ordered[int(0.99 * (len(ordered) - 1))] if ordered else 0.0
+
+    def check(self) -> None:
+        """The assertions of the module docstring."""
+        assert self.callbacks.slowest < MAX_LAG, (
+            f"a callback held the loop {self.callbacks.slowest * 1000:.1f} ms: "
+            f"{self.callbacks.what}"
+        )
+        assert self.p99 < MAX_LAG, f"the loop woke late: p99 {self.p99 * 1000:.1f} ms"
+        assert self.worst < WORST_LATE, f"the loop stalled {self.worst * 1000:.1f} ms"
 
     async def _beat(self) -> None:
         while True:
             started = time.perf_counter()
             await asyncio.sleep(0.001)
-            self.worst = max(self.worst, time.perf_counter() - started - 0.001)
-            self.samples += 1
+            self.lateness.append(time.perf_counter() - started - 0.001)
 
     def __enter__(self) -> LagMonitor:
         self._task = asyncio.ensure_future(self._beat())
+        self.callbacks.__enter__()
         return self
 
     def __exit__(self, *exc: object) -> None:
+        self.callbacks.__exit__()
         assert self._task is not None
         self._task.cancel()
 
@@ -78,6 +136,29 @@ def measure(scenario: Callable[[], Awaitable[Any]]) -> tuple[Any, LagMonitor]:
     finally:
         sys.setswitchinterval(interval)
         gc.enable()
+
+
+@contextlib.contextmanager
+def slow_proxy(upstream: int, latency: float) -> Iterator[str]:
+    """``bench.proxy`` delaying every chunk by ``latency``, in a process of its own (in this
+    one its loop's thread would compete for the GIL with the loop under test)."""
+    port = free_port()
+    code = (
+        "import sys, time\n"
+        "from bench.proxy import Proxy\n"
+        f"proxy = Proxy({upstream}, port={port}).start()\n"
+        f"proxy.slow({latency})\n"
+        "print('ready', flush=True)\n"
+        "sys.stdin.read()\n"
+    )
+    with subprocess.Popen(
+        [sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    ) as proc:
+        try:
+            assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+            yield f"redis://127.0.0.1:{port}/0"
+        finally:
+            proc.kill()
 
 
 @pytest.fixture
@@ -118,9 +199,16 @@ async def readers(
 def test_no_loop_stall_while_redis_is_paused_killed_or_slow(
     server: RedisServer, fault: str
 ) -> None:
-    proxy = Proxy(server.port).start() if fault == "slow" else None
-    configure_on(proxy.url if proxy is not None else server.url)
+    with contextlib.ExitStack() as stack:
+        url = server.url
+        if fault == "slow":
+            url = stack.enter_context(slow_proxy(server.port, 0.05))
+        configure_on(url)
+        stack.callback(reset)
+        run_faulted(server, fault)
 
+
+def run_faulted(server: RedisServer, fault: str) -> None:
     async def resolve(key: str) -> str:
         await asyncio.sleep(0.002)
         return f"v-{key}"
@@ -132,9 +220,6 @@ def test_no_loop_stall_while_redis_is_paused_killed_or_slow(
             server.pause()
         elif fault == "killed":
             server.kill()
-        else:
-            assert proxy is not None
-            proxy.slow(0.05)
         try:
             values, monitor = measure(lambda: readers(cache, 50, 4, seconds=0.3))
         finally:
@@ -145,12 +230,9 @@ def test_no_loop_stall_while_redis_is_paused_killed_or_slow(
         if fault != "slow":
             assert stats["l2_errors"] > 0  # the fault was met, not missed
         assert monitor.samples > 20, monitor.samples
-        assert monitor.worst < MAX_LAG, f"the loop stalled {monitor.worst * 1000:.1f} ms"
+        monitor.check()
     finally:
         cache.close()
-        reset()
-        if proxy is not None:
-            proxy.close()
 
 
 def test_no_loop_stall_while_10000_tasks_ask_for_one_cold_key(server: RedisServer) -> None:
@@ -187,7 +269,7 @@ def test_no_loop_stall_while_10000_tasks_ask_for_one_cold_key(server: RedisServe
         values, monitor = measure(scenario)
         assert values == ["cold"] * 10_000
         assert runs == 1
-        assert monitor.worst < MAX_LAG, f"the loop stalled {monitor.worst * 1000:.1f} ms"
+        monitor.check()
     finally:
         cache.close()
         reset()

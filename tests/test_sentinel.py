@@ -7,6 +7,7 @@ keep answering (P1) and then write to the promoted replica.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
@@ -164,6 +165,32 @@ def test_a_cache_on_a_sentinel_url_uses_the_master_it_names(sentinelled: Sentine
     runtime = current_runtime()
     assert runtime.bus is not None
     _wait(lambda: runtime.bus.healthy, "the bus")
+
+
+def test_the_async_front_on_a_sentinel_url_reads_and_writes_the_master(
+    sentinelled: Sentinelled,
+) -> None:
+    oqron_cache.configure(redis_url=sentinelled.url, namespace="sentinel-async")
+    calls: list[str] = []
+    cache = _cache(calls)
+    master = sentinelled.master.client()
+
+    async def scenario() -> None:
+        assert await cache.aget("a") == {"key": "a", "n": 1}
+        await cache.aset("b", {"key": "b", "n": 0})
+        for key in ("a", "b"):
+            assert master.exists(cache.stack.l2.keys.value(key)) == 1
+        cache.stack.l1.clear()
+        assert await cache.aget_many(["a", "b"]) == {
+            "a": {"key": "a", "n": 1},
+            "b": {"key": "b", "n": 0},
+        }  # from L2, through redis.asyncio's sentinel client
+        await cache.adelete("a")
+        assert await cache.aget("a") == {"key": "a", "n": 2}  # deleted on the master: reloaded
+
+    asyncio.run(scenario())
+    assert calls == ["a", "a"]
+    assert cache.get_stats(local=True)["l2_errors"] == 0
 
 
 def test_master_killed_the_cache_keeps_answering_and_follows_the_promoted_replica(

@@ -144,6 +144,11 @@ class Recovery:
         if self.pending:
             self._wake.set()
 
+    def start(self) -> None:
+        """Start the replay thread now, so that the first deferral does not (a thread start
+        waits for the new thread to run: not on an event loop, P12)."""
+        self._ensure_thread()
+
     def _ensure_thread(self) -> None:
         if self._thread is None and not self._stop.is_set():
             with self._lock:
