@@ -29,7 +29,12 @@ from .core.options import (
     stampede_from_dict,
 )
 from .engine import registry
-from .engine.invalidation import invalidate_pattern, invalidate_tag
+from .engine.invalidation import (
+    invalidate_pattern,
+    invalidate_pattern_steps,
+    invalidate_tag,
+    invalidate_tag_steps,
+)
 from .engine.stack import MAX_TAG_BYTES, CacheStack
 from .engine.steps import adrive, drive
 from .engine.writes import remove_many_steps, remove_steps, write_many_steps, write_steps
@@ -160,6 +165,11 @@ class Cache:
         confined to this cache in this namespace. ``"*"`` needs ``allow_all=True``. Uses SCAN,
         never KEYS. Keys longer than ``max_key_bytes`` are stored hashed and are not matched.
         """
+        return invalidate_pattern(
+            self.stack, self._pattern(pattern, allow_all), SCAN_COUNT, UNLINK_BATCH
+        )
+
+    def _pattern(self, pattern: str, allow_all: bool) -> Glob:
         if not isinstance(pattern, str):
             raise TypeError(f"pattern must be a str; got {type(pattern).__name__}")
         if not pattern or (matches_everything(pattern) and not allow_all):
@@ -167,7 +177,7 @@ class Cache:
                 f"invalidate_pattern({pattern!r}) would drop the whole cache {self.name!r}; "
                 "pass allow_all=True if that is what you mean"
             )
-        return invalidate_pattern(self.stack, Glob(pattern), SCAN_COUNT, UNLINK_BATCH)
+        return Glob(pattern)
 
     def invalidate_by_tag(self, tag: str) -> int:
         """Delete every entry of this cache carrying ``tag``; return how many were in L2.
@@ -177,13 +187,17 @@ class Cache:
         of 100,000 entries does not block Redis; every process's L1 drops them through the bus.
         A load of a tagged entry that was in flight when this was called cannot bring it back.
         """
+        self._check_tag(tag)
+        return invalidate_tag(self.stack, tag)
+
+    @staticmethod
+    def _check_tag(tag: str) -> None:
         if not isinstance(tag, str):
             raise TypeError(f"tag must be a str; got {type(tag).__name__}")
         if not tag or len(tag.encode("utf-8", "surrogatepass")) > MAX_TAG_BYTES:
             raise ConfigurationError(
                 f"tag must hold 1..{MAX_TAG_BYTES} bytes; got {len(tag)} chars"
             )
-        return invalidate_tag(self.stack, tag)
 
     # -- many keys at once
 
@@ -273,12 +287,21 @@ class Cache:
         await adrive(remove_many_steps(stack, checked), stack.async_l2())
 
     async def ainvalidate_pattern(self, pattern: str, *, allow_all: bool = False) -> int:
-        """:meth:`invalidate_pattern` for asyncio code (the scan runs in a worker thread)."""
-        return await asyncio.to_thread(self.invalidate_pattern, pattern, allow_all=allow_all)
+        """:meth:`invalidate_pattern` for asyncio code: SCAN page by page on the loop (on a
+        Redis Cluster, whose scan walks every node, in a worker thread)."""
+        glob = self._pattern(pattern, allow_all)
+        stack = self.stack
+        if stack.l2 is not None and stack.l2.conn.cluster:
+            return await asyncio.to_thread(self.invalidate_pattern, pattern, allow_all=allow_all)
+        steps = invalidate_pattern_steps(stack, glob, SCAN_COUNT, UNLINK_BATCH)
+        return await adrive(steps, stack.async_l2())
 
     async def ainvalidate_by_tag(self, tag: str) -> int:
-        """:meth:`invalidate_by_tag` for asyncio code (the pages run in a worker thread)."""
-        return await asyncio.to_thread(self.invalidate_by_tag, tag)
+        """:meth:`invalidate_by_tag` for asyncio code: the tag's index page by page, on the
+        loop."""
+        self._check_tag(tag)
+        stack = self.stack
+        return await adrive(invalidate_tag_steps(stack, tag), stack.async_l2())
 
     async def aget_stats(self, local: bool = False) -> dict[str, Any]:
         """:meth:`get_stats` for asyncio code."""

@@ -383,3 +383,27 @@ def test_stampede_options_apply_to_the_async_front(
     value, waited = run(scenario())
     assert value == "mine" and 0.25 <= waited < 1.0
     assert cache.get_stats(local=True)["lock_timeouts"] == 1
+
+
+def test_invalidations_run_on_the_loop_not_in_a_thread(
+    configured: str, make_cache: Callable[..., Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cache = make_cache(ttl="1m", tags=lambda key, value: value["tags"])
+    for i in range(1200):  # more than two pages of SCAN and of the tag index
+        cache.set(f"p:{i}", {"tags": ["bulk"] if i % 2 else []})
+
+    def no_thread(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("ran in a worker thread")
+
+    monkeypatch.setattr(asyncio, "to_thread", no_thread)
+
+    async def scenario() -> tuple[int, int]:
+        tagged = await cache.ainvalidate_by_tag("bulk")
+        patterned = await cache.ainvalidate_pattern("p:1*")
+        return tagged, patterned
+
+    tagged, patterned = run(scenario())
+    assert tagged == 600
+    # p:1, p:10..p:19, p:100..p:199, p:1000..p:1199, of which the odd ones went with the tag
+    assert patterned == len([i for i in range(1200) if str(i).startswith("1") and i % 2 == 0])
+    assert cache.get("p:1") is None and cache.get("p:2") == {"tags": []}

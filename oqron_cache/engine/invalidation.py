@@ -26,10 +26,10 @@ import json
 import logging
 from typing import TYPE_CHECKING, Any, cast
 
-from ..core.entry import FLAG_TOMBSTONE, Entry, new_version, pack
+from ..core.entry import Entry, new_version, pack
 from ..core.keys import Glob
 from ..redis.store import L2Unavailable
-from .steps import SCRIPT, Step, drive
+from .steps import CMD, EACH, L2, SCRIPT, Step, drive
 
 if TYPE_CHECKING:
     from .stack import CacheStack
@@ -140,16 +140,19 @@ def _drop_steps(
     return int(cast("int", (yield (SCRIPT, "drop_script", [value_key], args))))
 
 
-def record(stack: CacheStack, invalidation: str) -> None:
+def _record_steps(stack: CacheStack, invalidation: str) -> Step[None]:
     """Log an invalidation (``p:<pattern>`` or ``t:<tag>``) for in-flight fills to see."""
     l2 = stack.l2
     assert l2 is not None
-    l2.conn.run(
-        l2.conn.record_script, keys=[l2.keys.invalidations()], args=[invalidation, REMEMBER_MS]
-    )
+    yield (SCRIPT, "record_script", [l2.keys.invalidations()], [invalidation, REMEMBER_MS])
 
 
 def invalidate_tag(stack: CacheStack, tag: str) -> int:
+    """:func:`invalidate_tag_steps` on this thread."""
+    return drive(invalidate_tag_steps(stack, tag), stack.l2)
+
+
+def invalidate_tag_steps(stack: CacheStack, tag: str) -> Step[int]:
     """Drop every entry of ``stack`` tagged ``tag``, in L2 and in every process's L1.
 
     If Redis fails part way, the invalidation is kept and run again when it answers (P14).
@@ -157,7 +160,7 @@ def invalidate_tag(stack: CacheStack, tag: str) -> int:
     removed = 0
     if stack.l2 is not None:
         try:
-            removed = invalidate_tag_in_l2(stack, tag)
+            removed = yield from _tag_in_l2_steps(stack, tag)
         except L2Unavailable:
             stack.stats.incr("l2_errors")
             _defer(stack, "tag", tag)
@@ -169,63 +172,72 @@ def invalidate_tag(stack: CacheStack, tag: str) -> int:
 
 def invalidate_tag_in_l2(stack: CacheStack, tag: str) -> int:
     """The L2 part of :func:`invalidate_tag`; raises L2Unavailable if Redis fails."""
+    return drive(_tag_in_l2_steps(stack, tag), stack.l2)
+
+
+def _tag_in_l2_steps(stack: CacheStack, tag: str) -> Step[int]:
     l2 = stack.l2
     assert l2 is not None
-    record(stack, f"t:{tag}")
+    yield from _record_steps(stack, f"t:{tag}")
     tombstone = _tombstone(stack)
     ttl_ms = int(stack._tombstone_ttl * 1000)
     element = json.dumps(tag)  # as it is written in the envelope's tag block
     index = l2.keys.tag_set(tag)
-    client = l2.conn.client
     removed = 0
     cursor = 0
     while True:
-        reply = l2.conn.run(client.zscan, index, cursor=cursor, count=PAGE)
+        reply = yield (CMD, "zscan", (index, cursor, None, PAGE))
         cursor, page = cast("tuple[int, list[tuple[bytes, float]]]", reply)
         if page:
             calls: list[tuple[list[str], list[Any]]] = [
                 ([_value_key(l2, member)], [element, tombstone, ttl_ms]) for member, _ in page
             ]
-            replies = l2.conn.run(l2.conn.run_each, l2.conn.drop_tagged_script, calls)
+            replies = yield (EACH, "drop_tagged_script", calls)
             removed += sum(int(r) for r in replies)
             pairs: list[Any] = []
             for member, score in page:
                 pairs += [member, repr(int(score))]
-            l2.conn.run(l2.conn.unindex_script, keys=[index], args=pairs)
+            yield (SCRIPT, "unindex_script", [index], pairs)
         if cursor == 0:
             break
-    removed += _invalidate_legacy(stack, tag, tombstone, ttl_ms)
-    l2.publish(stack._message("tag", [tag]))
+    removed += yield from _legacy_steps(stack, tag, tombstone, ttl_ms)
+    yield (L2, "publish", (stack._message("tag", [tag]),))
     return removed
 
 
-def _invalidate_legacy(stack: CacheStack, tag: str, tombstone: bytes, ttl_ms: int) -> int:
+def _legacy_steps(stack: CacheStack, tag: str, tombstone: bytes, ttl_ms: int) -> Step[int]:
     """Entries indexed by a version before 0.2 (a plain set of ``key|version``), until its
     sets expire: drop exactly those versions."""
     l2 = stack.l2
     assert l2 is not None
     legacy = l2.keys.legacy_tag_set(tag)
-    client = l2.conn.client
-    if not l2.conn.run(client.exists, legacy):
+    if not (yield (CMD, "exists", (legacy,))):
         return 0
     removed = 0
     cursor = 0
     while True:
-        reply = l2.conn.run(client.sscan, legacy, cursor=cursor, count=PAGE)
+        reply = yield (CMD, "sscan", (legacy, cursor, None, PAGE))
         cursor, members = cast("tuple[int, list[bytes]]", reply)
         if members:
             calls: list[tuple[list[str], list[Any]]] = []
             for member in members:
                 value_key, version = _legacy_member(l2, member)
                 calls.append(([value_key], [version, tombstone, ttl_ms, "", b""]))
-            replies = l2.conn.run(l2.conn.run_each, l2.conn.drop_script, calls)
+            replies = yield (EACH, "drop_script", calls)
             removed += sum(int(r) for r in replies)
-            l2.conn.run(client.srem, legacy, *members)
+            yield (CMD, "srem", (legacy, *members))
         if cursor == 0:
             return removed
 
 
 def invalidate_pattern(stack: CacheStack, glob: Glob, scan_count: int, batch: int) -> int:
+    """:func:`invalidate_pattern_steps` on this thread."""
+    return drive(invalidate_pattern_steps(stack, glob, scan_count, batch), stack.l2)
+
+
+def invalidate_pattern_steps(
+    stack: CacheStack, glob: Glob, scan_count: int, batch: int
+) -> Step[int]:
     """Drop every entry of ``stack`` whose key matches ``glob`` (SCAN + UNLINK, then L1).
 
     If Redis fails part way, the invalidation is kept and run again when it answers (P14).
@@ -233,7 +245,7 @@ def invalidate_pattern(stack: CacheStack, glob: Glob, scan_count: int, batch: in
     removed = 0
     if stack.l2 is not None:
         try:
-            removed = invalidate_pattern_in_l2(stack, glob, scan_count, batch)
+            removed = yield from _pattern_in_l2_steps(stack, glob, scan_count, batch)
         except L2Unavailable:
             stack.stats.incr("l2_errors")
             _defer(stack, "pattern", glob.pattern)
@@ -245,22 +257,30 @@ def invalidate_pattern(stack: CacheStack, glob: Glob, scan_count: int, batch: in
 
 def invalidate_pattern_in_l2(stack: CacheStack, glob: Glob, scan_count: int, batch: int) -> int:
     """The L2 part of :func:`invalidate_pattern`; raises L2Unavailable if Redis fails."""
+    return drive(_pattern_in_l2_steps(stack, glob, scan_count, batch), stack.l2)
+
+
+def _pattern_in_l2_steps(stack: CacheStack, glob: Glob, scan_count: int, batch: int) -> Step[int]:
     l2 = stack.l2
     assert l2 is not None
     removed = 0
-    record(stack, f"p:{glob.pattern}")
+    yield from _record_steps(stack, f"p:{glob.pattern}")
     pending: list[bytes] = []
-    for rkey in l2.scan(l2.keys.match_values(glob), scan_count):
-        user_key = l2.keys.user_key(rkey.decode("utf-8", "surrogateescape"))
-        if user_key is None or not glob.matches(user_key):
-            continue  # SCAN's pattern is a superset; the glob decides
-        pending.append(rkey)
-        if len(pending) >= batch:
-            removed += _unlink_values(l2, pending)
-            pending.clear()
+    match = l2.keys.match_values(glob)
+    node, cursor = 0, 0
+    while node >= 0:
+        node, cursor, page = yield (L2, "scan_page", (match, scan_count, node, cursor))
+        for rkey in page:
+            user_key = l2.keys.user_key(rkey.decode("utf-8", "surrogateescape"))
+            if user_key is None or not glob.matches(user_key):
+                continue  # SCAN's pattern is a superset; the glob decides
+            pending.append(rkey)
+            if len(pending) >= batch:
+                removed += yield (L2, "unlink_live", (pending,))
+                pending = []
     if pending:
-        removed += _unlink_values(l2, pending)
-    l2.publish(stack._message("pattern", [glob.pattern]))
+        removed += yield (L2, "unlink_live", (pending,))
+    yield (L2, "publish", (stack._message("pattern", [glob.pattern]),))
     return removed
 
 
@@ -274,17 +294,6 @@ def _settled(stack: CacheStack, kind: str, subject: str) -> None:
     recovery = stack.runtime.recovery if stack.runtime is not None else None
     if recovery is not None and recovery.pending:
         recovery.settled(stack, subject, kind)
-
-
-def _unlink_values(l2: L2Store, keys: list[bytes]) -> int:
-    """UNLINK value keys; count the live entries among them (tombstones are not entries)."""
-    keys = list(dict.fromkeys(keys))  # SCAN may return a key twice
-    pipe = l2.conn.client.pipeline(transaction=False)
-    for key in keys:
-        pipe.getrange(key, 1, 1)  # the flags byte
-    flags = cast("list[bytes]", l2.conn.run(pipe.execute))
-    l2.unlink(keys)
-    return sum(1 for flag in flags if flag and not flag[0] & FLAG_TOMBSTONE)
 
 
 def evict_patterns_from_l1(stack: CacheStack, patterns: list[str]) -> None:

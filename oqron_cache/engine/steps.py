@@ -11,6 +11,10 @@ The effects, and what each driver does with them (``drive`` | ``adrive``):
     ``stack.l2.<name>(*args)`` | ``await <the loop's L2 store>.<name>(*args)``
 ``(SCRIPT, name, keys, args)``
     ``conn.run(conn.<name>, keys=..., args=...)`` | ``await <the loop's conn>.script(...)``
+``(EACH, name, calls)``
+    the script ``name`` once per ``(keys, args)`` of ``calls``, pipelined (``run_each``)
+``(CMD, name, args)``
+    the client's own command ``name(*args)`` (``zscan``, ``exists``, ...), through the breaker
 ``(RUN, fn, key)``
     ``fn(key)``, and an awaitable result run to completion on this thread's loop |
     ``await fn(key)`` for an ``async def``, else ``fn`` in a worker thread (the loop never
@@ -59,6 +63,8 @@ EVENT = 4
 WAIT = 5
 JOIN = 6
 SLEEP = 7
+EACH = 8
+CMD = 9
 
 Effect = tuple[Any, ...]
 Step = Generator[Effect, Any, T]
@@ -120,6 +126,12 @@ def drive(step: Step[T], l2: Any) -> T:
                 send = effect[1].wait()
             elif kind == SLEEP:
                 time.sleep(effect[1])
+            elif kind == EACH:
+                conn = l2.conn
+                send = conn.run(conn.run_each, getattr(conn, effect[1]), effect[2])
+            elif kind == CMD:
+                conn = l2.conn
+                send = conn.run(getattr(conn.client, effect[1]), *effect[2])
             else:  # pragma: no cover - a step yielded something that is not an effect
                 raise TypeError(f"not an effect: {effect!r}")
         except BaseException as exc:  # thrown into the step, which decides
@@ -203,6 +215,11 @@ async def adrive(step: Step[T], l2: Any) -> T:
                 send = await join_async(effect[1])
             elif kind == SLEEP:
                 await asyncio.sleep(effect[1])
+            elif kind == EACH:
+                send = await l2.conn.run_each(effect[1], effect[2])
+            elif kind == CMD:
+                conn = l2.conn
+                send = await conn.run(getattr(conn.client, effect[1]), *effect[2])
             else:  # pragma: no cover
                 raise TypeError(f"not an effect: {effect!r}")
         except BaseException as exc:  # thrown into the step, which decides

@@ -32,6 +32,7 @@ from .store import (
     acquire_reply,
     clock_us,
     fill_args,
+    live_entries,
     touch_args,
     write_args,
 )
@@ -258,6 +259,28 @@ class AsyncRedisStore:
             for key, envelope, ttl, message in items
         ]
         await self.conn.run_each("tombstone_script", calls)
+
+    async def scan_page(
+        self, match: str, count: int, node: int, cursor: int
+    ) -> tuple[int, int, list[bytes]]:
+        if self.conn.cluster:
+            raise NotImplementedError("pattern scans on a cluster run on the sync front")
+        reply = await self.conn.run(self.conn.client.scan, cursor=cursor, match=match, count=count)
+        cursor, page = cast("tuple[int, list[bytes]]", reply)
+        return (-1 if cursor == 0 else 0), cursor, page
+
+    async def unlink_live(self, keys: list[bytes]) -> int:
+        keys = list(dict.fromkeys(keys))
+
+        async def flags() -> list[bytes]:
+            pipe = self.conn.client.pipeline(transaction=False)
+            for key in keys:
+                pipe.getrange(key, 1, 1)
+            return cast("list[bytes]", await pipe.execute())
+
+        found = await self.conn.run(flags)
+        await self.conn.run(self.conn.client.unlink, *keys)
+        return live_entries(found)
 
     async def publish(self, message: bytes) -> None:
         await self.conn.run(self.conn.client.publish, self.channel, message)

@@ -25,6 +25,7 @@ from redis.exceptions import RedisClusterException, RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from ..core.breaker import CircuitBreaker
+from ..core.entry import FLAG_TOMBSTONE
 from ..core.keys import KeySpace
 from . import scripts
 from .cluster import is_cluster_client
@@ -89,6 +90,11 @@ def write_args(envelope: bytes, ttl: float, channel: str, message: bytes) -> lis
 
 def touch_args(version: bytes, fresh_until: float, stale_until: float, ttl: float) -> list[Any]:
     return [version, _TIMES.pack(fresh_until, stale_until), max(1, int(ttl * 1000))]
+
+
+def live_entries(flags: list[bytes]) -> int:
+    """How many of these envelope flag bytes are of live entries (not tombstones)."""
+    return sum(1 for flag in flags if flag and not flag[0] & FLAG_TOMBSTONE)
 
 
 def clock_us(seconds: Any, micros: Any) -> int:
@@ -421,6 +427,34 @@ class RedisStore:
                 yield from page
                 if cursor == 0:
                     break
+
+    def scan_page(
+        self, match: str, count: int, node: int, cursor: int
+    ) -> tuple[int, int, list[bytes]]:
+        """One SCAN page of primary number ``node`` (0 on one server) from ``cursor``: the
+        ``(node, cursor)`` to ask next (``node`` -1: done) and the keys."""
+        clients = self.conn.run(self.conn.primaries)
+        if node >= len(clients):
+            return -1, 0, []
+        reply = self.conn.run(clients[node].scan, cursor=cursor, match=match, count=count)
+        cursor, page = cast("tuple[int, list[bytes]]", reply)
+        if cursor == 0:
+            node = node + 1 if node + 1 < len(clients) else -1
+        return node, cursor, page
+
+    def unlink_live(self, keys: list[bytes]) -> int:
+        """UNLINK value keys; how many of them were live entries (tombstones are not)."""
+        keys = list(dict.fromkeys(keys))  # SCAN may return a key twice
+
+        def flags() -> list[bytes]:
+            pipe = self.conn.client.pipeline(transaction=False)
+            for key in keys:
+                pipe.getrange(key, 1, 1)  # the flags byte
+            return cast("list[bytes]", pipe.execute())
+
+        found = self.conn.run(flags)
+        self.unlink(keys)
+        return live_entries(found)
 
     def unlink(self, keys: list[bytes]) -> int:
         """UNLINK ``keys`` (one round trip; on a cluster, one per node); how many existed."""
