@@ -291,6 +291,24 @@ def test_a_lock_request_that_runs_after_its_caller_gave_up_takes_no_lock(
     assert client.get(l2.keys.lock("k")) == b"rt2"
 
 
+def test_a_wrong_idea_of_redis_clock_costs_one_more_round_trip_never_a_lock(
+    paused_redis: RedisServer, make_cache: Callable[..., Any]
+) -> None:
+    """If this process believes Redis's clock is further behind than it is (a reply that sat
+    in a buffer), its requests look late to Redis and take no lock although it still waits
+    for the answer: it asks again without a deadline, and measures the clock anew."""
+    cache = make_cache(tiers=tiers(), resolver=lambda key: "v", stampede=Stampede(lock_ttl="30s"))
+    l2 = cache.stack.l2
+    assert l2.acquire_or_read("warm", "t0", 1.0)[0]
+    right = l2.conn.clock_offset_us
+    assert right is not None
+    l2.conn.clock_offset_us = right - 10_000_000  # 10 s off: every deadline is long past
+    won, _raw, _now, _held = l2.acquire_or_read("k", "t1", 30.0)
+    assert won
+    assert paused_redis.client().get(l2.keys.lock("k")) == b"rt1"
+    assert abs(l2.conn.clock_offset_us - right) < 1_000_000  # measured again
+
+
 def test_the_envelope_of_a_deferred_delete_is_a_tombstone_written_flag(
     configured: str, make_cache: Callable[..., Any]
 ) -> None:

@@ -33,6 +33,7 @@ from .store import (
     clock_us,
     fill_args,
     live_entries,
+    refused_late,
     touch_args,
     write_args,
 )
@@ -150,13 +151,19 @@ class AsyncRedisConn:
         return cast("list[Any]", await self.run(pipelined))
 
     async def close(self) -> None:
-        """Close the client and its pool (which a client given a pool does not close)."""
+        """Close the client, its pool (which a client given a pool does not close) and, behind
+        a Sentinel URL, the clients of the sentinels."""
         with contextlib.suppress(Exception):  # best effort
             await self.client.aclose()
         pool = getattr(self.client, "connection_pool", None)
         if pool is not None:
             with contextlib.suppress(Exception):
                 await pool.disconnect()
+            manager = getattr(pool, "sentinel_manager", None)
+            for sentinel in getattr(manager, "sentinels", ()):
+                with contextlib.suppress(Exception):
+                    await sentinel.aclose()
+                    await sentinel.connection_pool.disconnect()
 
 
 class AsyncRedisStore:
@@ -196,7 +203,12 @@ class AsyncRedisStore:
         keys = [self.keys.value(key), self.keys.lock(key)]
         base = self.conn.base
         args = acquire_args(token, ttl, phase, take_over, base.deadline_us())
-        found = acquire_reply(await self.conn.script("acquire_script", keys, args), ttl)
+        reply = await self.conn.script("acquire_script", keys, args)
+        if refused_late(reply):  # answered after all: our idea of Redis's clock was off
+            base.observe_clock(int(reply[2]), reset=True)
+            args = acquire_args(token, ttl, phase, take_over, 0)
+            reply = await self.conn.script("acquire_script", keys, args)
+        found = acquire_reply(reply, ttl)
         base.observe_clock(found[2])
         return found
 

@@ -88,7 +88,7 @@ return {t[1], t[2], redis.call('GET', KEYS[1])}
 # no lock: nobody would compute under it, and every reader of the key would wait it out.
 # Returns {1 if the lock was taken else 0, the envelope or nil, Redis time in µs, the lock's
 # remaining ms (when not taken: when it is worth asking again), the holder's phase ('' if
-# taken)}.
+# taken, '-' if the request came too late to take anything)}.
 ACQUIRE_OR_READ = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
@@ -99,7 +99,9 @@ if deadline == 0 or now <= deadline then
   won = redis.call('SET', KEYS[2], mine, 'NX', 'PX', ARGV[2])
 end
 local phase = ''
-if not won and (deadline == 0 or now <= deadline) then
+if deadline > 0 and now > deadline then
+  phase = '-'  -- too late: nothing taken (a caller that still reads this asks again)
+elseif not won then
   local held = redis.call('GET', KEYS[2])
   if held then phase = string.sub(held, 1, 1) end
   if ARGV[4] == '1' and (phase == 'q' or phase == 'f') then

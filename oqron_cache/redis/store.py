@@ -69,6 +69,12 @@ def acquire_reply(reply: Any, ttl: float) -> tuple[bool, bytes | None, int, floa
     return bool(won), raw, int(now), left
 
 
+def refused_late(reply: Any) -> bool:
+    """Did ACQUIRE_OR_READ refuse the request as past its deadline (phase ``-``)?"""
+    phase = cast("list[Any]", reply)[4]
+    return phase in (b"-", "-")
+
+
 def fill_args(
     seen_version: bytes,
     envelope: bytes,
@@ -159,6 +165,7 @@ class RedisConn:
         # a lock request when its caller stops waiting, in Redis's clock (see ACQUIRE_OR_READ).
         self.op_timeout = op_timeout
         self.clock_offset_us: int | None = None
+        self._offset_until = 0.0  # when the offset kept is re-measured from scratch
         self.cluster = is_cluster_client(client)
         self.breaker = breaker or CircuitBreaker()
         self._on_failure = on_failure
@@ -232,9 +239,19 @@ class RedisConn:
         slack = max(0.005, self.op_timeout / 10)
         return int((time.time() + self.op_timeout + slack) * 1_000_000) + offset
 
-    def observe_clock(self, redis_now_us: int) -> None:
-        """A reply carried Redis's clock: note how far ahead of ours it is."""
-        self.clock_offset_us = redis_now_us - int(time.time() * 1_000_000)
+    def observe_clock(self, redis_now_us: int, reset: bool = False) -> None:
+        """A reply carried Redis's clock: note how far ahead of ours it is.
+
+        A reply that waited (in a socket buffer, for the GIL) makes Redis look less ahead than
+        it is, so the largest offset seen over the last minute is kept: an offset too small
+        would make requests look late to Redis. ``reset``: start again from this one.
+        """
+        offset = redis_now_us - int(time.time() * 1_000_000)
+        now = time.monotonic()
+        known = self.clock_offset_us
+        if reset or known is None or offset > known or now >= self._offset_until:
+            self.clock_offset_us = offset
+            self._offset_until = now + 60.0
 
     def unavailable(self, exc: BaseException) -> L2Unavailable:
         """Count a failed call in the breaker and the log; the error to raise in its place.
@@ -318,9 +335,14 @@ class RedisStore:
         """
         keys = [self.keys.value(key), self.keys.lock(key)]
         args = acquire_args(token, ttl, phase, take_over, self.conn.deadline_us())
-        reply = acquire_reply(self.conn.run(self.conn.acquire_script, keys=keys, args=args), ttl)
-        self.conn.observe_clock(reply[2])
-        return reply
+        reply = self.conn.run(self.conn.acquire_script, keys=keys, args=args)
+        if refused_late(reply):  # yet here is the answer: our idea of Redis's clock was off
+            self.conn.observe_clock(int(reply[2]), reset=True)
+            args = acquire_args(token, ttl, phase, take_over, 0)
+            reply = self.conn.run(self.conn.acquire_script, keys=keys, args=args)
+        found = acquire_reply(reply, ttl)
+        self.conn.observe_clock(found[2])
+        return found
 
     def claim_read(self, key: str, token: str, ttl: float) -> tuple[bytes | None, int, int]:
         """A worker starts the refresh it was sent under lock ``token``: claim the lock (its
