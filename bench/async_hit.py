@@ -4,7 +4,8 @@ Every case runs on one event loop, interleaved one repetition at a time, each re
 batch of awaited calls timed together (``--inner`` for in-process hits, 1 for Redis hits):
 
 * in-process hits: oqron ``await cache.aget("k")`` (L1 + Redis tiers, an L1 hit), cashews
-  ``mem://`` ``await cache.get("k")``, aiocache ``SimpleMemoryCache.get``; and the sync front's
+  ``mem://`` ``await cache.get("k")``, aiocache ``SimpleMemoryCache.get`` (its default: no
+  serializer); and the sync front's
   ``cache.get`` as the reference;
 * Redis hits (L1 off): the floor (``redis.asyncio`` GET + ``json.loads``), oqron
   ``await cache.aget("k")`` on ``tiers=[RedisTier]``, cashews ``redis://`` and aiocache
@@ -88,8 +89,9 @@ async def _run(url: str, namespace: str, inner: int, reps: int, warmup: int) -> 
     cashews_mem = CashewsCache()
     cashews_mem.setup("mem://")
     cashews_redis = CashewsCache()
-    cashews_redis.setup(url, client_side=False, prefix=f"{namespace}:cashews")
-    aio_mem = SimpleMemoryCache(serializer=JsonSerializer())
+    cashews_redis.setup(url, client_side=False)
+    ckey = f"{namespace}:cashews:k"  # in the namespace the run deletes afterwards
+    aio_mem = SimpleMemoryCache()  # its default: values kept as they are
     aio_redis = RedisCache(
         serializer=JsonSerializer(),
         endpoint=host.hostname or "127.0.0.1",
@@ -103,7 +105,7 @@ async def _run(url: str, namespace: str, inner: int, reps: int, warmup: int) -> 
         await both.aset("k", value)
         await l2_only.aset("k", value)
         await cashews_mem.set("k", value, expire=600)
-        await cashews_redis.set("k", value, expire=600)
+        await cashews_redis.set(ckey, value, expire=600)
         await aio_mem.set("k", value, ttl=600)
         await aio_redis.set("k", value, ttl=600)
         aget, get, l2_aget = both.aget, both.get, l2_only.aget
@@ -134,7 +136,7 @@ async def _run(url: str, namespace: str, inner: int, reps: int, warmup: int) -> 
 
         async def cashews_l2(n: int) -> None:
             for _ in range(n):
-                await cashews_redis.get("k")
+                await cashews_redis.get(ckey)
 
         async def aiocache_l2(n: int) -> None:
             for _ in range(n):
@@ -142,7 +144,7 @@ async def _run(url: str, namespace: str, inner: int, reps: int, warmup: int) -> 
 
         for got in (
             await aget("k"), await l2_aget("k"), await cashews_mem.get("k"),
-            await cashews_redis.get("k"), await aio_mem.get("k"), await aio_redis.get("k"),
+            await cashews_redis.get(ckey), await aio_mem.get("k"), await aio_redis.get("k"),
         ):  # fmt: skip
             if got != value:
                 raise AssertionError(f"a case returned {got!r}, not the sample value")
