@@ -170,7 +170,9 @@ def check_runs(
     (one run per expiry or change). The change may land anywhere in ``[t0, t1]``, and a run's
     load may have begun (taken its lock) anywhere from when its get began (``began``, by the
     run's ``id()``) to its origin read: a change excuses a run that began after the change's
-    ``t0`` overlapping one whose load began before the change's ``t1``.
+    ``t0`` overlapping one whose load began before the change's ``t1``, in either order: the
+    run whose origin read began later may be the older load (its thread took the lock, the
+    change dropped it, another took it and read the origin first).
     """
     changes = changes or {}
     began = began or {}
@@ -181,8 +183,11 @@ def check_runs(
         active: list[Event] = []
         for run in ordered:
             active = [a for a in active if a.t1 > run.t0]
+            mine = began.get(id(run), run.t0)
             stale = [
-                a for a in active if not _changed_between(spans, began.get(id(a), a.t0), run.t0)
+                a
+                for a in active
+                if not _changed_between(spans, min(began.get(id(a), a.t0), mine), run.t0)
             ]
             if stale:
                 report.duplicates += 1

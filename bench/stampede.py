@@ -8,6 +8,10 @@ the count is exact across processes. Compared, each in its natural shape:
   ``lock_sleep=0.1``), ``region.get_or_create(key, creator)``, 64 threads per process;
 * cashews: ``cache.setup("redis://...")`` and ``@cache(ttl=..., lock=True)``; cashews is
   async-only, so each process runs one asyncio loop with 64 tasks.
+* oqron-async: the async front, ``await cache.aget(key)`` from 64 tasks on one asyncio loop
+  per process (an async resolver), beside cashews (also 64 tasks per process);
+* floor-async (context, not a peer): those 64 tasks around an in-process single-flight of a
+  few lines (one ``asyncio.Event`` per key, no Redis): its resolver runs once per process.
 * floor (context, not a peer): the same threads around a ten-line in-process single-flight (one
   ``threading.Event`` per key, no Redis), so its resolver runs once per *process* (4 calls). What
   its callers see above 50 ms is what waking 64 threads per process costs on this machine: no
@@ -54,7 +58,7 @@ from .common import (
     update_section,
 )
 
-LIBRARIES = ("floor", "oqron", "dogpile", "cashews")
+LIBRARIES = ("floor", "oqron", "dogpile", "cashews", "floor-async", "oqron-async")
 TARGET_P50_MS = 55.0
 TARGET_P99_MS = 75.0
 STEP_TIMEOUT = 60.0  # seconds a worker may take to answer one step before the run is abandoned
@@ -234,6 +238,23 @@ class Worker:
         self.cashews_resolve = resolve
         self.loop.run_until_complete(self.cashews.init())
 
+        async def resolve_async(key: str) -> dict[str, object]:
+            await acounter.incr(counter_key(namespace, key))
+            await asyncio.sleep(sleep)
+            return sample_value(key)
+
+        import oqron_cache
+        from oqron_cache import MemoryTier, RedisTier, Stampede
+
+        self.oqron_async = oqron_cache.cache(
+            "stampede-async",
+            tiers=[MemoryTier(max_size=1000, ttl="10m"), RedisTier(ttl="10m")],
+            stampede=Stampede(enabled=True, lock_ttl="5s"),
+            resolver=resolve_async,
+        )
+        self.resolve_async = resolve_async
+        self._async_flights: dict[str, tuple[asyncio.Event, list[Any]]] = {}
+
     def prepare(self, library: str, key: str) -> Callable[[], Outcome]:
         """Park this run's callers; return the function that releases them."""
         expected = sample_value(key)
@@ -246,16 +267,37 @@ class Worker:
                 lambda: self.region.get_or_create(key, lambda: self._resolve(key)), expected
             )
         if library == "cashews":
-            return lambda: self.loop.run_until_complete(self._cashews_run(key, expected))
+            return lambda: self.loop.run_until_complete(
+                self._tasks_run(self.cashews_resolve, key, expected)
+            )
+        if library == "oqron-async":
+            return lambda: self.loop.run_until_complete(
+                self._tasks_run(self.oqron_async.aget, key, expected)
+            )
+        if library == "floor-async":
+            return lambda: self.loop.run_until_complete(
+                self._tasks_run(self._floor_async, key, expected)
+            )
         raise ValueError(f"unknown library {library!r}")
 
-    async def _cashews_run(self, key: str, expected: Any) -> Outcome:
+    async def _floor_async(self, key: str) -> Any:
+        """The async floor: in-process single-flight of 64 tasks, no Redis, no library."""
+        flight = self._async_flights.get(key)
+        if flight is None:
+            flight = self._async_flights[key] = (asyncio.Event(), [])
+            flight[1].append(await self.resolve_async(key))
+            flight[0].set()
+        else:
+            await flight[0].wait()
+        return flight[1][0]
+
+    async def _tasks_run(self, call: Callable[[str], Any], key: str, expected: Any) -> Outcome:
         outcome = Outcome()
 
         async def caller() -> None:
             started = time.perf_counter_ns()
             try:
-                value = await self.cashews_resolve(key)
+                value = await call(key)
                 problem = None if value == expected else f"wrong value {value!r}"
             except Exception as exc:
                 problem = f"{type(exc).__name__}: {exc}"
@@ -271,6 +313,8 @@ class Worker:
 
         self.callers.stop()
         self.oqron.close()
+        self.oqron_async.close()
+        self.loop.run_until_complete(self.loop.shutdown_asyncgens())  # its pool, on its loop
         oqron_cache.reset()
         self.loop.run_until_complete(self.cashews.close())
         self.loop.run_until_complete(self.acounter.aclose())
@@ -453,6 +497,23 @@ def run(
             ),
             Check("stampede: zero errors", str(errors), errors == 0),
         ]
+    if "oqron-async" in results and "floor-async" in results:
+        rs = results["oqron-async"]
+        calls = [r.resolver_calls for r in rs]
+        p50 = median([r.p50 for r in rs])
+        floor = median([r.p50 for r in results["floor-async"]])
+        checks += [
+            Check(
+                "async stampede: exactly 1 resolver call per run",
+                ", ".join(map(str, calls)),
+                all(c == 1 for c in calls),
+            ),
+            Check(
+                "async stampede: p50 <= floor-async + 3 ms",
+                f"{p50:.1f} ms (floor-async {floor:.1f} ms)",
+                p50 <= floor + 3.0,
+            ),
+        ]
     body = "\n".join(
         [
             f"{processes} processes x {threads} callers, resolver sleeping {sleep * 1000:.0f} ms; "
@@ -464,7 +525,9 @@ def run(
             "`lock_sleep=0.1` (its waiters poll the Redis lock every 100 ms); cashews' lock "
             "waiters poll with `check_interval=0` (its default). *floor* is no library: one "
             "in-process `threading.Event` per key and no Redis, so its resolver runs once per "
-            "process; its latencies are what waking the threads costs on this machine.",
+            "process; its latencies are what waking the threads costs on this machine. "
+            "*oqron-async* is the async front (64 tasks per process, an async resolver), "
+            "*floor-async* the same tasks around one `asyncio.Event` per key (no Redis).",
             "",
             markdown_table(headers, rows),
             *(["", *notes] if notes else []),

@@ -407,3 +407,30 @@ def test_invalidations_run_on_the_loop_not_in_a_thread(
     # p:1, p:10..p:19, p:100..p:199, p:1000..p:1199, of which the odd ones went with the tag
     assert patterned == len([i for i in range(1200) if str(i).startswith("1") and i % 2 == 0])
     assert cache.get("p:1") is None and cache.get("p:2") == {"tags": []}
+
+
+def test_write_through_on_the_async_front(
+    configured: str, make_cache: Callable[..., Any]
+) -> None:
+    """P6 through aset: the origin is written first, the cache after it accepted; without
+    Celery the origin is called inline and its refusal reaches the caller as it is (as on the
+    sync front), leaving the cache as it was."""
+    origin: dict[str, Any] = {}
+
+    def save(key: str, value: Any) -> None:
+        if value == "refused":
+            raise ValueError("the origin says no")
+        origin[key] = value
+
+    cache = make_cache(ttl="1m", resolver=origin.get, write_through=save)
+
+    async def scenario() -> None:
+        await cache.aset("k", {"v": 1})
+        assert origin == {"k": {"v": 1}}
+        cache.stack.l1.clear()
+        assert await cache.aget("k") == {"v": 1}  # from L2, written after the origin
+        with pytest.raises(ValueError, match="says no"):
+            await cache.aset("k", "refused")
+        assert await cache.aget("k") == {"v": 1} and origin["k"] == {"v": 1}
+
+    run(scenario())

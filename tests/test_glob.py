@@ -26,7 +26,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from oqron_cache.core.errors import ConfigurationError
-from oqron_cache.core.keys import Glob, KeySpace, escape
+from oqron_cache.core.keys import MAX_SCAN_STARS, Glob, KeySpace, escape
 
 # Examples per property; OQRON_GLOB_EXAMPLES=100000 for a longer run on demand.
 EXAMPLES = int(os.environ.get("OQRON_GLOB_EXAMPLES", "400"))
@@ -107,7 +107,10 @@ def old_regex(pattern: str) -> re.Pattern[str]:
 
 
 def old_scan(pattern: str) -> str:
-    """The SCAN MATCH fragment ``Glob`` built before issue 10 (unchanged by it)."""
+    """The SCAN MATCH fragment ``Glob`` built before issue 10, with the one change issue 10
+    made on purpose: a fragment of more than ``MAX_SCAN_STARS`` stars keeps only the text
+    before the first and after the last (CVE-2022-36021; see
+    ``test_a_scan_fragment_of_many_stars_keeps_only_its_ends``)."""
     out: list[str] = []
     i = 0
     while i < len(pattern):
@@ -125,7 +128,10 @@ def old_scan(pattern: str) -> str:
         else:
             out.append(escape(ch))
         i += 1
-    return re.sub(r"\*+", "*", "".join(out))
+    scan = re.sub(r"\*+", "*", "".join(out))
+    if scan.count("*") > MAX_SCAN_STARS:
+        scan = f"{scan.partition('*')[0]}*{scan.rpartition('*')[2]}"
+    return scan
 
 
 def compare_with_oracle(pattern: str, keys: list[str]) -> None:

@@ -292,6 +292,14 @@ def test_a_run_that_begins_after_a_change_landed_during_an_older_run_is_not_a_du
     caller = get(1.0, v=1, vt=1.3, w="r:1", t1=1.55)
     assert dict(check([caller, lock_first, change, newer], strict).rules()) == {}
     assert dict(check([lock_first, change, newer], strict).rules()) == {"duplicate_run": 1}
+    # the later origin read is the older load: its get took the lock, a delete dropped it,
+    # another load took it and reached the origin first (seen in the stress test)
+    first_lock = get(1.0, v=1, vt=1.3, w="r:1", t1=1.6)
+    late_start = ev("origin_read", 1.3, 1.55, v=1, p=1)
+    other = ev("origin_read", 1.2, 1.4, v=1, p=2)
+    delete = ev("delete", 1.05, 1.1)
+    assert dict(check([first_lock, late_start, other, delete], strict).rules()) == {}
+    assert dict(check([first_lock, late_start, other], strict).rules()) == {"duplicate_run": 1}
     # a change during the older run does not excuse a third run that overlaps the second
     third = ev("origin_read", 1.4, 1.7, v=2, p=3)
     report = check([older, ev("delete", 1.1, 1.2), newer, third], strict)
