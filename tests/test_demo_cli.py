@@ -401,21 +401,9 @@ def test_console_script_is_installed() -> None:
 
 def readme_blocks(language: str) -> list[tuple[int, str]]:
     """The README's fenced code blocks in ``language``, with the line each starts on."""
-    lines = (ROOT / "README.md").read_text(encoding="utf-8").splitlines()
-    blocks: list[tuple[int, str]] = []
-    current: list[str] | None = None
-    start = 0
-    for number, line in enumerate(lines, 1):
-        if current is None:
-            if line.strip() == f"```{language}":
-                current, start = [], number + 1
-        elif line.strip() == "```":
-            blocks.append((start, "\n".join(current) + "\n"))
-            current = None
-        else:
-            current.append(line)
-    assert current is None, "README.md has an unclosed code block"
-    return blocks
+    from tests.test_docs import code_blocks
+
+    return code_blocks(ROOT / "README.md", language)
 
 
 def test_readme_python_examples_compile() -> None:

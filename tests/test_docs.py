@@ -49,14 +49,14 @@ print("ran", len(blocks))
 """
 
 
-def python_blocks(path: Path) -> list[tuple[int, str]]:
-    """The page's ```` ```python ```` blocks, with the line each starts on."""
+def code_blocks(path: Path, language: str) -> list[tuple[int, str]]:
+    """The page's fenced blocks in ``language``, with the line each starts on."""
     blocks: list[tuple[int, str]] = []
     current: list[str] | None = None
     start = 0
     for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
         if current is None:
-            if line.strip() == "```python":
+            if line.strip() == f"```{language}":
                 current, start = [], number + 1
         elif line.strip() == "```":
             blocks.append((start, "\n".join(current) + "\n"))
@@ -65,6 +65,10 @@ def python_blocks(path: Path) -> list[tuple[int, str]]:
             current.append(line)
     assert current is None, f"{path.name} has an unclosed code block"
     return blocks
+
+
+def python_blocks(path: Path) -> list[tuple[int, str]]:
+    return code_blocks(path, "python")
 
 
 @pytest.fixture(scope="module")

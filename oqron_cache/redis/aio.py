@@ -22,6 +22,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from ..core.keys import KeySpace
+from .clients import sentinel_kwargs
 from .store import (
     COMPUTING,
     FAILURES,
@@ -80,14 +81,7 @@ def connect_async(
         )
         return aredis.Redis(connection_pool=pool)
     sentinel_target = parse_sentinel_url(url)
-    sentinel_options: dict[str, Any] = {
-        "socket_timeout": socket_timeout,
-        "socket_connect_timeout": connect_timeout,
-    }
-    if sentinel_target.sentinel_username is not None:
-        sentinel_options["username"] = sentinel_target.sentinel_username
-    if sentinel_target.sentinel_password is not None:
-        sentinel_options["password"] = sentinel_target.sentinel_password
+    sentinel_options = sentinel_kwargs(sentinel_target, socket_timeout, connect_timeout)
     sentinel = AsyncSentinel(list(sentinel_target.sentinels), sentinel_kwargs=sentinel_options)  # type: ignore[no-untyped-call]
     return sentinel.master_for(
         sentinel_target.service,

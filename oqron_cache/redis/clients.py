@@ -54,6 +54,7 @@ __all__ = [
     "parse_cluster_url",
     "parse_sentinel_url",
     "refresh_layout",
+    "sentinel_kwargs",
 ]
 
 
@@ -92,14 +93,7 @@ def connect(
         check_url(url)
         return redis.Redis.from_url(url, **options)
     target = parse_sentinel_url(url)
-    sentinel_options: dict[str, Any] = {
-        "socket_timeout": socket_timeout,
-        "socket_connect_timeout": connect_timeout,
-    }
-    if target.sentinel_username is not None:
-        sentinel_options["username"] = target.sentinel_username
-    if target.sentinel_password is not None:
-        sentinel_options["password"] = target.sentinel_password
+    sentinel_options = sentinel_kwargs(target, socket_timeout, connect_timeout)
     sentinel = Sentinel(list(target.sentinels), sentinel_kwargs=sentinel_options)  # type: ignore[no-untyped-call]
     client: redis.Redis = sentinel.master_for(  # type: ignore[no-untyped-call]
         target.service,
@@ -109,6 +103,21 @@ def connect(
         **options,
     )
     return client
+
+
+def sentinel_kwargs(
+    target: SentinelTarget, socket_timeout: float, connect_timeout: float
+) -> dict[str, Any]:
+    """The options of the clients that talk to the sentinels themselves (both fronts)."""
+    options: dict[str, Any] = {
+        "socket_timeout": socket_timeout,
+        "socket_connect_timeout": connect_timeout,
+    }
+    if target.sentinel_username is not None:
+        options["username"] = target.sentinel_username
+    if target.sentinel_password is not None:
+        options["password"] = target.sentinel_password
+    return options
 
 
 def celery_broker(url: str, url_name: str = "redis_url") -> tuple[str, dict[str, Any]]:
