@@ -606,6 +606,36 @@ def test_a_late_cache_link_never_serves_a_value_past_its_bound_nor_beats_a_newer
     assert unpack(raw)[0].fresh_until == pytest.approx(at + 1.0)
 
 
+def test_a_link_that_yields_to_a_delete_still_refuses_fills_that_read_the_origin_before_it(
+    configured: str, make_cache: Any
+) -> None:
+    """Found by the 60 s soak in CI (P5): set(v2) began; a delete landed while it ran; a load
+    began after the delete (its basis: the tombstone) and read the origin before v2's origin
+    write (v1); v2's link yielded to the newer delete, leaving the tombstone as it was; the
+    load's fill then passed its compare-and-set on the tombstone, and v1 was served for a
+    whole ttl. A link that yields to a delete now re-versions the tombstone, so fills based on
+    it fail."""
+    from oqron_cache.engine.writes import Basis
+
+    origin = {"k": {"n": 1}}
+    cache = make_cache(tiers=_tiers(), resolver=lambda key: dict(origin[key]),
+                       write_through=lambda key, value: None)  # fmt: skip
+    stack = cache.stack
+    set_began = time.time()
+    cache.delete("k")  # lands while the set runs (after it began)
+    tomb = stack._read_l2("k")  # the load that begins now is based on the tombstone
+    assert tomb is not None and tomb.entry is None
+    read_v1 = dict(origin["k"])  # ... and reads the origin before v2's origin write
+    origin["k"] = {"n": 2}  # v2's origin write
+    assert _link(cache, "k", {"n": 2}, new_version(), set_began, time.time()) == "superseded"
+    basis = Basis(tomb.seen, tomb.stamp, tomb.began, None, "", tomb.wall)
+    assert stack._store("k", read_v1, basis, 0.001) == "conflict"  # refused: it predates v2
+    # A redelivered link yields to the (re-versioned) delete again, and writes nothing.
+    assert _link(cache, "k", {"n": 2}, new_version(), set_began, time.time()) == "superseded"
+    stack.l1.clear()
+    assert cache.get("k") == {"n": 2}
+
+
 def test_a_cache_link_older_than_a_write_that_reached_the_origin_does_not_land(
     configured: str, make_cache: Any
 ) -> None:

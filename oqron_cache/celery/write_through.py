@@ -368,6 +368,7 @@ def cache_link(
         version_hex,
         OUTCOME_TTL_MS,
         repr(at),
+        new_version(),  # a newer delete's tombstone is re-versioned with it (see PUT_IF_NEWER)
     ]
     written = l2.conn.run(l2.conn.put_if_newer_script, keys=keys, args=args)
     if stack.l1 is not None:

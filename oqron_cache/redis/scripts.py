@@ -320,11 +320,14 @@ return 0
 # ARGV[7] - the version as hex (the outcome's field)
 # ARGV[8] - how long outcomes are kept, ms
 # ARGV[9] - when the origin accepted this write (seconds, the worker's wall clock)
+# ARGV[10] - a new version (8 bytes) for a newer delete's tombstone, if the link yields to it
 # Write-through's cache link: write unless a newer write reached the origin, or a newer write (or
 # delete) is already in the cache, or a fill whose load began after the origin accepted this
 # write (it read this value or a newer one; a fill's created_at is when its load began). A fill
-# that began before it read the origin before this write, and is replaced. Record the outcome
-# "ok" either way, announce. Idempotent: a redelivered link rewrites the same entry.
+# that began before it read the origin before this write, and is replaced. A newer delete stays,
+# but under a new version: a fill based on the tombstone may have read the origin before
+# this write, and must fail its compare-and-set. Record the outcome "ok" either way, announce.
+# Idempotent: a redelivered link rewrites the same entry.
 PUT_IF_NEWER = """
 local cur = redis.call('GET', KEYS[1])
 local write = true
@@ -341,6 +344,11 @@ elseif cur and string.len(cur) >= 44 and string.sub(cur, 3, 10) ~= ARGV[6] then
 end
 if write then
   redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+elseif cur and string.len(cur) >= 44 and bit.band(string.byte(cur, 2), 1) ~= 0 then
+  -- Yielding to a newer delete: the delete stays, under a new version, so that a fill based
+  -- on the tombstone (its load may have read the origin before this write) fails its
+  -- compare-and-set.
+  redis.call('SETRANGE', KEYS[1], 2, ARGV[10])
 end
 redis.call('HSET', KEYS[2], ARGV[7], 'ok')
 redis.call('PEXPIRE', KEYS[2], ARGV[8])
