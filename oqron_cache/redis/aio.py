@@ -8,7 +8,6 @@ replies are :mod:`.store`'s own helpers: the two stores differ only in how they 
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 from collections.abc import Callable
 from typing import Any, TypeVar, cast
@@ -131,9 +130,11 @@ class AsyncRedisConn:
         """The script ``name`` once per ``(keys, args)``, pipelined (a cluster's pipeline
         sends each node its share)."""
         script = self.scripts[name]
-        if self.cluster:  # one call per entry, concurrently: each goes to its slot's node
-            replies = await asyncio.gather(*(self.script(name, k, a) for k, a in calls))
-            return list(replies)
+        if self.cluster:
+            # One call per entry, each to its slot's node, one after another: redis-py's async
+            # cluster client can break a connection it is still opening when many commands
+            # share it at once (redis-py 8.1: AttributeError on its writer).
+            return [await self.script(name, k, a) for k, a in calls]
 
         async def pipelined() -> list[Any]:
             pipe = self.client.pipeline(transaction=False)
