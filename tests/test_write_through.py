@@ -36,7 +36,7 @@ from celery import Celery
 
 import oqron_cache
 from oqron_cache import MemoryTier, RedisTier
-from oqron_cache.celery.write_through import WriteThroughError, cache_link
+from oqron_cache.celery.write_through import WriteHandle, WriteThroughError, cache_link
 from oqron_cache.config import reset
 from oqron_cache.core.codecs import get_codec
 from oqron_cache.core.entry import new_version, unpack
@@ -506,7 +506,12 @@ def _link(
     origin_at: float | None = None,
     retried: bool = False,
 ) -> str:
-    """Run the cache link in this process, as a (re)delivered ``oqron_cache.write_cache``."""
+    """Run the cache link in this process, as a (re)delivered ``oqron_cache.write_cache``.
+
+    Its write is recorded as its origin link leaves it (``origin``), unless already recorded.
+    """
+    l2 = cache.stack.l2
+    l2.conn.client.hsetnx(l2.keys.writes(key), version.hex(), "origin")
     payload = cache.stack.codec.encode(value, cache.name)
     b64 = base64.b64encode(payload).decode()
     return cache_link(cache.stack, key, b64, version.hex(), created_at, origin_at, retried=retried)
@@ -679,10 +684,84 @@ def test_a_retried_cache_link_drops_the_key_rather_than_write_a_value_redis_may_
     cache.stack.l1.clear()
     assert _link(cache, key, {"n": 1}, v1, t1, retried=True) == "reloaded"
     outcomes = cache.stack.l2.conn.client.hgetall(cache.stack.l2.keys.writes(key))
-    assert outcomes[v1.hex().encode()] == b"ok"  # the origin has it: its set() succeeded
+    assert outcomes[v1.hex().encode()] == b"ok:reloaded"  # in the origin: its set() succeeded
     assert cache.get(key) == {"n": 2}  # loaded from the origin, never the retried old value
     # A first delivery writes its value as before.
     assert _link(cache, "j", {"n": 3}, new_version(), time.time()) == "written"
+
+
+def _chain_here(cache: Any, key: str, value: Any, version: bytes, created_at: float) -> str:
+    """Run both links of one write in this process, as a worker would, without retries."""
+    from types import SimpleNamespace
+
+    from oqron_cache.celery.write_through import origin_link
+
+    task = SimpleNamespace(request=SimpleNamespace(retries=0))
+    b64 = base64.b64encode(cache.stack.codec.encode(value, cache.name)).decode()
+    forward = origin_link(task, cache.stack, key, b64, version.hex(), created_at)
+    if forward is None:
+        return "origin: superseded"
+    return cache_link(cache.stack, *forward[1:])
+
+
+def _sent(cache: Any, key: str, version: bytes) -> None:
+    """What set() records before it sends the chain: the write's outcome field, "sent"."""
+    l2 = cache.stack.l2
+    l2.conn.client.hset(l2.keys.writes(key), version.hex(), "sent")
+
+
+def test_a_chain_older_than_a_redis_restart_drops_the_key_rather_than_write_its_value(
+    configured: str, make_cache: Any, redis_client: Any, namespace: str
+) -> None:
+    """Found by the 60 s soak in CI (P5): set(v19) timed out while its chain waited in the
+    queue; set(v23) went through; the cache's Redis restarted empty, taking the high-water
+    mark that orders writes; then v19's chain ran. The origin kept v23 (it orders its own
+    writes), but the cache link found nothing newer recorded and wrote v19, which was served
+    for a whole ttl. A chain whose record ("sent", written by set()) is gone cannot be ordered
+    against the writes Redis forgot: it writes the origin and drops the key instead."""
+    origin: dict[str, Any] = {}
+
+    def store_newest(key: str, value: Any) -> None:  # an origin that fences its writes
+        if value["n"] > origin.get(key, {"n": 0})["n"]:
+            origin[key] = value
+
+    cache = make_cache(tiers=_tiers(), resolver=origin.get, write_through=store_newest)
+    key = "k"
+    v19, t19 = new_version(), time.time()
+    _sent(cache, key, v19)  # set(v19): recorded and sent; its chain waits in the queue
+    v23 = new_version()
+    _sent(cache, key, v23)
+    assert _chain_here(cache, key, {"n": 23}, v23, t19 + 1) == "written"
+    delete_namespace(redis_client, namespace)  # the cache's Redis restarts empty
+    cache.stack.l1.clear()
+    assert _chain_here(cache, key, {"n": 19}, v19, t19) == "reloaded"
+    assert origin[key] == {"n": 23}
+    assert cache.get(key) == {"n": 23}  # loaded from the origin, never v19
+    outcomes = cache.stack.l2.conn.client.hgetall(cache.stack.l2.keys.writes(key))
+    assert outcomes[v19.hex().encode()] == b"ok:reloaded"  # its set() did reach the origin
+    assert WriteHandle(cache.stack, key, v19).status() == "ok"
+    _sent(cache, key, v20 := new_version())
+    assert WriteHandle(cache.stack, key, v20).status() == "pending"
+    # The record lost between the origin link and the cache link: the same.
+    v24 = new_version()
+    _sent(cache, key, v24)
+    b64 = base64.b64encode(cache.stack.codec.encode({"n": 24}, cache.name)).decode()
+    from types import SimpleNamespace
+
+    from oqron_cache.celery.write_through import origin_link
+
+    task = SimpleNamespace(request=SimpleNamespace(retries=0))
+    forward = origin_link(task, cache.stack, key, b64, v24.hex(), time.time())
+    assert forward is not None
+    delete_namespace(redis_client, namespace)
+    assert cache_link(cache.stack, *forward[1:]) == "reloaded"
+    cache.stack.l1.clear()
+    assert cache.get(key) == {"n": 24}
+    # With its record intact, a chain writes its value as before.
+    v25 = new_version()
+    _sent(cache, key, v25)
+    assert _chain_here(cache, key, {"n": 25}, v25, time.time()) == "written"
+    assert _l2_of(cache, key)[0] == {"n": 25}
 
 
 def test_a_cache_link_drops_its_own_process_l1_copy(configured: str, make_cache: Any) -> None:

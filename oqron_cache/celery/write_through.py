@@ -45,6 +45,9 @@ MAX_RETRIES = 5
 OUTCOME_TTL_MS = 3600 * 1000
 ORIGIN_LOCK_MS = 30_000  # an origin write holds the key's write lock at most this long
 ORIGIN_LOCK_WAIT = 30.0
+SENT = "sent"  # a write's outcome field from set() until its origin link ran
+RELOADED = "ok:reloaded"  # done, but the cache link dropped the key instead of writing it
+PENDING = frozenset({None, SENT.encode(), b"origin", b"origin-lost"})
 _version: contextvars.ContextVar[str | None] = contextvars.ContextVar(
     "oqron_write_version", default=None
 )
@@ -87,7 +90,9 @@ class WriteHandle:
             self._outcome = self._read()
         if self._outcome is None:
             return "pending"
-        return "ok" if self._outcome == "ok" else f"failed: {self._outcome[4:]}"
+        if self._outcome.startswith("ok"):
+            return "ok"
+        return f"failed: {self._outcome[4:]}"
 
     def done(self) -> bool:
         """True once the chain finished (either way)."""
@@ -136,8 +141,9 @@ class WriteHandle:
         except L2Unavailable:
             return None
         value = cast("bytes | None", raw)
-        if value is None or value == b"origin":
+        if value in PENDING:
             return None
+        assert value is not None
         return value.decode("utf-8", "replace")
 
 
@@ -167,6 +173,7 @@ def start(stack: CacheStack, key: str, value: Any) -> WriteHandle:
         app.signature(WRITE_ORIGIN_TASK, args=args, queue=WRITE_QUEUE),
         app.signature(WRITE_CACHE_TASK, queue=WRITE_QUEUE),
     )
+    _record_sent(stack, key, version.hex())
     try:
         enqueuer.publish(lambda: flow.apply_async(retry=False))
     except BrokerUnavailable as exc:
@@ -181,6 +188,22 @@ def start(stack: CacheStack, key: str, value: Any) -> WriteHandle:
         return WriteHandle(stack, key, version, publish=exc.pending)
     stack.stats.incr("sets")
     return WriteHandle(stack, key, version)
+
+
+def _record_sent(stack: CacheStack, key: str, version_hex: str) -> None:
+    """Record the write as "sent" before its chain is: its links know from this record that
+    Redis kept what orders the key's writes (the high-water mark lives in the same hash) from
+    this set() to their run. Without it (Redis restarted empty, evicted the hash, or did not
+    answer now) the chain still writes the origin, and its cache link drops the key."""
+    l2 = _l2(stack)
+    outcomes = l2.keys.writes(key)
+    pipe = l2.conn.client.pipeline(transaction=False)
+    pipe.hset(outcomes, version_hex, SENT)
+    pipe.pexpire(outcomes, OUTCOME_TTL_MS)
+    try:
+        l2.conn.run(pipe.execute)
+    except L2Unavailable as exc:
+        log.info("write-through of %s: %s not recorded (%s)", stack.name, version_hex, exc)
 
 
 # --------------------------------------------------------------------------- the two links
@@ -311,11 +334,13 @@ def cache_link(
     redelivered or retried late must not make an old value look new, P3), and is not written
     at all once past ``stale_until``: the next read loads the origin instead.
 
-    A ``retried`` link (its first attempt failed on Redis) does not write its value: what
-    orders it against newer writes (their entries, the high-water mark) may have been lost
-    with whatever made it fail (a Redis restarted empty). It drops the key instead, with a
-    tombstone against older fills, and the next read loads the origin, which holds the
-    newest write (P5); the set() is recorded as done (its value is in the origin).
+    A link cannot order its write against others whenever Redis may have lost what orders
+    them (the newer writes' entries, the high-water mark): when the write's record, kept in
+    the same hash since set() sent the chain, is gone (Redis restarted empty or evicted it),
+    or when the link is ``retried`` (its first attempt failed on Redis). It then drops the
+    key instead, with a tombstone against older fills, and the next read loads the origin,
+    which holds the newest write (P5); the set() is recorded as done (its value is in the
+    origin).
     """
     from ..engine.invalidation import after_fill
 
@@ -336,17 +361,7 @@ def cache_link(
     left = entry.stale_until - now
     keys = [l2.keys.value(key), l2.keys.writes(key)]
     if retried:
-        tomb = Entry(None, now, now, now, new_version(), tombstone=True)
-        message = stack._message("evict", [key])
-        pipe = l2.conn.client.pipeline(transaction=False)
-        pipe.hset(keys[1], version_hex, "ok")
-        pipe.pexpire(keys[1], OUTCOME_TTL_MS)
-        l2.conn.run(pipe.execute)
-        l2.tombstone(key, pack(tomb, stack.codec.codec_id, b""), stack._tombstone_ttl, message)
-        if stack.l1 is not None:
-            stack.l1.evict(key)
-        stack.stats.incr("links_reloaded")
-        return "reloaded"
+        return _drop(stack, key, version_hex)
     if left <= 0:
         stack.stats.incr("writes_expired")
         pipe = l2.conn.client.pipeline(transaction=False)
@@ -371,6 +386,8 @@ def cache_link(
         new_version(),  # a newer delete's tombstone is re-versioned with it (see PUT_IF_NEWER)
     ]
     written = l2.conn.run(l2.conn.put_if_newer_script, keys=keys, args=args)
+    if written == 2:  # the write's record is gone: Redis forgot what orders it
+        return _drop(stack, key, version_hex)
     if stack.l1 is not None:
         stack.l1.evict(key)  # the bus message is ours, so our own L1 would not hear it
     if written and entry.tags:
@@ -378,3 +395,25 @@ def cache_link(
 
         after_fill(stack, key, entry, NEVER)
     return "written" if written else "superseded"
+
+
+def _drop(stack: CacheStack, key: str, version_hex: str) -> str:
+    """Drop the key (a tombstone) instead of writing a value that cannot be ordered (P5).
+
+    The origin has this write or a newer one, so the next read loads what it holds. The
+    set() is recorded as done ("ok:reloaded"): its value reached the origin.
+    """
+    l2 = _l2(stack)
+    now = stack.clock()
+    outcomes = l2.keys.writes(key)
+    tomb = Entry(None, now, now, now, new_version(), tombstone=True)
+    message = stack._message("evict", [key])
+    pipe = l2.conn.client.pipeline(transaction=False)
+    pipe.hset(outcomes, version_hex, RELOADED)
+    pipe.pexpire(outcomes, OUTCOME_TTL_MS)
+    l2.conn.run(pipe.execute)
+    l2.tombstone(key, pack(tomb, stack.codec.codec_id, b""), stack._tombstone_ttl, message)
+    if stack.l1 is not None:
+        stack.l1.evict(key)
+    stack.stats.incr("links_reloaded")
+    return "reloaded"

@@ -327,8 +327,14 @@ return 0
 # that began before it read the origin before this write, and is replaced. A newer delete stays,
 # but under a new version: a fill based on the tombstone may have read the origin before
 # this write, and must fail its compare-and-set. Record the outcome "ok" either way, announce.
-# Idempotent: a redelivered link rewrites the same entry.
+# Idempotent: a redelivered link rewrites the same entry. Returns 1 (written), 0 (yielded), or
+# 2 without doing anything when the write's record is not "origin" (or "ok", a redelivery):
+# Redis lost what orders it, and the caller drops the key instead.
 PUT_IF_NEWER = """
+local mine = redis.call('HGET', KEYS[2], ARGV[7])
+if mine ~= 'origin' and mine ~= 'ok' then
+  return 2
+end
 local cur = redis.call('GET', KEYS[1])
 local write = true
 local hw = tonumber(redis.call('HGET', KEYS[2], 'hw') or '-1')
@@ -393,7 +399,7 @@ return 1
 # reached the origin first; recorded as ok), 'go' (lock taken: write now) or 'wait'.
 ORIGIN_BEGIN = """
 local state = redis.call('HGET', KEYS[1], ARGV[3])
-if state == 'origin' or state == 'ok' then
+if state and (string.sub(state, 1, 6) == 'origin' or string.sub(state, 1, 2) == 'ok') then
   return 'done'
 end
 local hw = tonumber(redis.call('HGET', KEYS[1], 'hw') or '-1')
@@ -416,9 +422,16 @@ return 'wait'
 # ARGV[4] - how long outcomes are kept, ms
 # ARGV[5] - when the origin accepted it (seconds, wall clock)
 # After an origin write: record it, when (field "t" .. version, for a redelivered cache link),
-# and the high-water mark; release the lock.
+# and the high-water mark; release the lock. The record is "origin" if the write's record
+# ("sent", made by set()) was there all along, else "origin-lost": Redis forgot what ordered
+# this write against others (restarted empty, evicted), and its cache link drops the key.
 ORIGIN_DONE = """
-redis.call('HSET', KEYS[1], ARGV[2], 'origin', 't' .. ARGV[2], ARGV[5])
+local prior = redis.call('HGET', KEYS[1], ARGV[2])
+local mark = 'origin-lost'
+if prior == 'sent' or prior == 'origin' then
+  mark = 'origin'
+end
+redis.call('HSET', KEYS[1], ARGV[2], mark, 't' .. ARGV[2], ARGV[5])
 local hw = tonumber(redis.call('HGET', KEYS[1], 'hw') or '-1')
 if tonumber(ARGV[3]) > hw then
   redis.call('HSET', KEYS[1], 'hw', ARGV[3])
