@@ -434,3 +434,54 @@ def test_write_through_on_the_async_front(
         assert await cache.aget("k") == {"v": 1} and origin["k"] == {"v": 1}
 
     run(scenario())
+
+
+# -- P5: a load that began before a write or an invalidation never replaces it -----------------
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(
+    "write", ["aset", "adelete", "ainvalidate_by_tag", "ainvalidate_pattern", "aset_many"]
+)
+async def test_an_async_load_in_flight_never_replaces_a_newer_write_or_invalidation(
+    write: str, configured: str, make_cache: Callable[..., Any]
+) -> None:
+    """An async resolver read the origin (v1), then a write or an invalidation landed through
+    the async front, then the resolver returned: its caller gets what it loaded, but neither
+    L2 nor L1 keeps it; the next read sees the write, or loads again."""
+    origin = {"k": "v1"}
+    loaded = asyncio.Event()
+    release = asyncio.Event()
+
+    async def resolver(key: str) -> str:
+        value = origin[key]
+        loaded.set()
+        await release.wait()
+        return value
+
+    cache = make_cache(ttl="1m", resolver=resolver, tags=lambda key, value: ["t"])
+    leader = asyncio.ensure_future(cache.aget("k"))
+    await loaded.wait()
+    origin["k"] = "v2"
+    if write == "aset":
+        await cache.aset("k", "written")
+    elif write == "aset_many":
+        await cache.aset_many({"k": "written", "other": 1})
+    elif write == "adelete":
+        await cache.adelete("k")
+    elif write == "ainvalidate_by_tag":
+        await cache.ainvalidate_by_tag("t")
+    else:
+        await cache.ainvalidate_pattern("k")
+    release.set()
+    assert await leader == "v1"  # its caller asked before the write: v1 is a fair answer
+    expected = "written" if write.startswith("aset") else "v2"
+    assert await cache.aget("k") == expected  # L1 did not keep v1
+    cache.stack.l1.clear()
+    assert await cache.aget("k") == expected  # nor did L2
+    counts = cache.get_stats(local=True)
+    assert counts["resolver_calls"] == (1 if write.startswith("aset") else 2)
+    if write.startswith("ainvalidate"):  # the fill landed, and was dropped after it
+        assert (counts["invalidated_in_flight"], counts["l2_write_conflicts"]) == (1, 0)
+    else:  # the fill's compare-and-set failed
+        assert (counts["invalidated_in_flight"], counts["l2_write_conflicts"]) == (0, 1)

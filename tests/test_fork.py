@@ -105,6 +105,61 @@ def test_child_hears_the_bus_and_the_parent_hears_the_child(
     assert poll(lambda: c.get("j"), "j#2")[0] == "from the child"
 
 
+def test_the_async_front_after_fork_has_its_own_pool_and_hears_the_bus_both_ways(
+    configured: str, make_cache: Callable[..., Any], redis_url: str, clock: FakeClock
+) -> None:
+    """P7 and P11 on the async front: the parent used ``aget`` (a pool bound to its loop),
+    then forked; the child's loop gets its own pool and bus, the parent's ``adelete`` drops
+    the child's L1 copy, and the child's ``aset`` reaches the parent's L1."""
+    import asyncio
+
+    origin = Origin(redis_url, configured)
+    c = make_cache(ttl="60s", resolver=origin, clock=clock)
+
+    async def warm() -> list[Any]:
+        return [await c.aget("k"), await c.aget("j")]
+
+    assert asyncio.run(warm()) == ["k#1", "j#2"]
+    parent = os.getpid()
+
+    def child(channel: Channel) -> dict[str, Any]:
+        bus_up()
+
+        async def main() -> dict[str, Any]:
+            assert await c.aget("k") == "k#1"  # from L2: the child's L1 started empty
+            assert await c.aget("k") == "k#1"  # from its L1 now
+            reads = c.get_stats(local=True)
+            channel.send("ready")
+            assert await asyncio.to_thread(channel.recv) == "deleted"
+            deadline = time.monotonic() + 10
+            while (value := await c.aget("k")) == "k#1":
+                assert time.monotonic() < deadline, "the parent's adelete never arrived"
+                await asyncio.sleep(0.01)
+            await c.aset("j", "from the child")
+            return {"value": value, "pid": os.getpid(), "reads": reads}
+
+        return asyncio.run(main())
+
+    forked = Forked(child)
+    assert forked.recv() == "ready"
+
+    async def delete() -> None:
+        await c.adelete("k")
+
+    asyncio.run(delete())
+    forked.send("deleted")
+    result = forked.result()
+    assert result["value"] == "k#3"
+    assert origin.runs() == [(parent, "k"), (parent, "j"), (result["pid"], "k")]
+    reads = result["reads"]
+    assert (reads["gets"], reads["l2_hits"], reads["misses"]) == (2, 1, 0), reads
+
+    async def read_j() -> Any:
+        return await c.aget("j")
+
+    assert poll(lambda: asyncio.run(read_j()), "j#2")[0] == "from the child"
+
+
 def test_child_refreshes_stale_values_and_so_does_the_parent(
     configured: str, make_cache: Callable[..., Any], redis_url: str, clock: FakeClock
 ) -> None:

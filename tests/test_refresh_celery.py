@@ -865,3 +865,96 @@ def test_reset_stops_the_refresh_publisher_thread(
     reset()
     publisher.join(1)
     assert not publisher.is_alive()
+
+
+# ---------------------------------------------------------------------------------------------
+# the async front through the same worker (issue 11: P4, P5 and refresh on the async front)
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("kind", ["sync", "async"])
+async def test_64_tasks_on_one_stale_key_make_one_task_whatever_the_resolver(
+    kind: str,
+    celery_worker: Any,
+    tasks: TaskLog,
+    origin: Origin,
+    make_cache: Any,
+    clock: FakeClock,
+) -> None:
+    """64 tasks of a loop read a stale key: all get the stale value at once, one Celery task
+    refreshes it; an ``async def`` resolver runs to completion on the worker's own loop."""
+    import asyncio
+
+    resolver: Any = origin
+    if kind == "async":
+
+        async def resolve(key: str) -> str:
+            await asyncio.sleep(0)
+            return origin(key)  # blocks the worker's loop: it is the worker's own
+
+        resolver = resolve
+    cache = make_cache(ttl="60s", stale_ttl="10m", resolver=resolver, clock=clock)
+    await cache.aset("hot", "v0")
+    clock.tick(61)
+    origin.gate.clear()
+    results = await asyncio.gather(*(cache.aget("hot") for _ in range(64)))
+    assert results == ["v0"] * 64  # nobody waited for the refresh
+    assert await asyncio.to_thread(origin.entered.wait, 10)
+    origin.gate.set()
+    (ran,) = await asyncio.to_thread(tasks.wait_finished, REFRESH_TASK, 1)
+    assert ran.outcome == "refreshed"
+    deadline = time.monotonic() + 10
+    while await cache.aget("hot") != "hot-v1":
+        assert time.monotonic() < deadline, "the refreshed value never arrived"
+        await asyncio.sleep(0.01)
+    assert origin.count == 1
+    (ran_id,) = origin.in_tasks()
+    assert is_refresh_id(ran_id, cache.name, "hot")
+    assert len(tasks.sent(REFRESH_TASK)) == 1
+    counts = stats(cache)
+    assert counts["stale_served"] == 64
+    assert counts["refreshes_enqueued"] == 1
+    assert counts["refreshes_succeeded"] == 1
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("write", ["aset", "adelete", "ainvalidate_by_tag", "ainvalidate_pattern"])
+async def test_an_async_write_racing_an_inflight_refresh_wins(
+    write: str,
+    celery_worker: Any,
+    tasks: TaskLog,
+    origin: Origin,
+    make_cache: Any,
+    clock: FakeClock,
+    redis_client: Any,
+) -> None:
+    """P5 on the async front: a refresh that began before an ``aset``, ``adelete`` or an async
+    invalidation never replaces what it did."""
+    import asyncio
+
+    cache = make_cache(
+        ttl="60s", stale_ttl="10m", resolver=origin, clock=clock, tags=lambda k, v: ["t"]
+    )
+    await cache.aset("k", "v0")
+    clock.tick(61)
+    origin.gate.clear()
+    assert await cache.aget("k") == "v0"
+    assert await asyncio.to_thread(origin.entered.wait, 10)  # the worker's resolver runs
+    if write == "aset":
+        await cache.aset("k", "written")
+    elif write == "adelete":
+        await cache.adelete("k")
+    elif write == "ainvalidate_by_tag":
+        assert await cache.ainvalidate_by_tag("t") == 1
+    else:
+        assert await cache.ainvalidate_pattern("k*") == 1
+    origin.gate.set()
+    (ran,) = await asyncio.to_thread(tasks.wait_finished, REFRESH_TASK, 1)
+    assert ran.outcome == "conflict"  # it began before the write: it must not win
+    assert not redis_client.exists(cache.stack.l2.keys.lock("k"))
+    assert stats(cache)["refreshes_succeeded"] == 0
+    if write == "aset":
+        assert await cache.aget("k") == "written"
+    else:
+        assert cache.stack._read_l2("k") is None or cache.stack._read_l2("k").entry is None
+        assert await cache.aget("k") == "k-v2"  # a cold miss after the drop: loaded again

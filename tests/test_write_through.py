@@ -417,6 +417,59 @@ def test_worker_killed_after_the_origin_commit_before_it_was_recorded(
     assert chain.writes(key) == [(key, {"n": 1})]
 
 
+# -- the async front: aset through the same chain (issue 11, P6) --------------------------------
+
+
+@pytest.mark.asyncio
+async def test_aset_goes_through_the_chain_and_survives_a_worker_killed_mid_chain(
+    env: Env, chain: Origin
+) -> None:
+    """P6 on the async front: ``aset`` sends the same chain; it returns after the cache link
+    ran (read-your-writes through ``aget``), and a worker SIGKILLed before the origin write
+    loses nothing: the redelivered link lands the write exactly once. The loop keeps running
+    while the chain does (the broker is never waited on from the loop)."""
+    import asyncio
+
+    cache = wt.main_cache
+    key = _key("aset")
+    ticks = 0
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while True:
+            await asyncio.sleep(0.005)
+            ticks += 1
+
+    beat = asyncio.create_task(ticker())
+    try:
+        done = await cache.aset(key, {"n": 1})
+        assert done is not None and done.status() == "ok"  # returned once the chain ran
+        assert chain.writes(key) == [(key, {"n": 1})]
+        assert _l2_value(chain.client, env.namespace, key) == {"n": 1}
+        assert await cache.aget(key) == {"n": 1}
+        assert ticks > 0  # the loop ran while aset waited for the chain
+
+        chain.flag(key, "block")
+        handle = await cache.aset(key, {"n": 2}, wait=False)
+        assert handle is not None
+        where = await asyncio.to_thread(chain.wait_blocked, key, "block")
+        assert handle.status() == "pending"
+        await asyncio.to_thread(_kill_and_replace, env, where, chain, key)
+        await asyncio.to_thread(handle.wait, 30)
+        assert handle.status() == "ok"
+        assert chain.writes(key) == [(key, {"n": 1}), (key, {"n": 2})]  # n=2 exactly once
+        assert _l2_value(chain.client, env.namespace, key) == {"n": 2}
+        assert await cache.aget(key) == {"n": 2}
+
+        chain.flag(key, "reject")
+        with pytest.raises(WriteThroughError, match="origin refused"):
+            await cache.aset(key, {"n": 3}, timeout=30)
+        assert await cache.aget(key) == {"n": 2}  # a refused write never reaches the cache
+    finally:
+        chain.flag(key, None)
+        beat.cancel()
+
+
 # -- two writes of one key, applied out of order --------------------------------------------------
 
 
