@@ -145,7 +145,7 @@ class Oqron:
         # lock_ttl bounds the throttle of the hold key's failed refresh: longer than a run.
         stampede = Stampede(enabled=True, lock_ttl="10m", stale_while_revalidate=True)
 
-        def make(tier: str, ttl: float) -> oqron_cache.Cache:
+        def make(tier: str, ttl: float) -> oqron_cache.Cache[Any]:
             tiers: list[MemoryTier | RedisTier] = [RedisTier(ttl=ttl)]
             if tier == "in-process":
                 tiers.insert(0, MemoryTier(max_size=3 * count + 100, ttl=ttl))

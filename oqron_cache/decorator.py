@@ -16,6 +16,7 @@ from typing import Any, Generic, ParamSpec, Protocol, TypeVar, cast, overload
 from .core.durations import Duration, parse_duration
 from .core.keys import decode_call, encode_call_ex
 from .core.options import MemoryTier, MissPolicy, RedisTier, Stampede, Strategy, TagsFunc
+from .core.typed import inferred_value_type
 from .engine.steps import call_sync
 from .frontend import Cache, cache
 
@@ -26,7 +27,7 @@ R = TypeVar("R")
 class CachedFunction(Protocol[P, R]):
     """What ``@refreshing_cache`` returns: the function, plus its cache's controls."""
 
-    cache: Cache
+    cache: Cache[Any]
     original: Callable[P, R]
     __wrapped__: Callable[P, R]
     __name__: str
@@ -72,7 +73,7 @@ class CachedFunction(Protocol[P, R]):
 class _Controls(Generic[P, R]):
     """The key encoding and controls behind one decorated function."""
 
-    cache: Cache  # set right after the cache is declared (it needs self.resolve)
+    cache: Cache[Any]  # set right after the cache is declared (it needs self.resolve)
 
     def __init__(
         self,
@@ -136,7 +137,7 @@ class _Controls(Generic[P, R]):
             # The call cannot be rebuilt from the key (key=, vary_on, __cache_key__ objects):
             # compute on a miss; a stale entry is reloaded in the foreground.
             return self.cache.get_or_set(key, lambda: self.call(*args, **kwargs))  # type: ignore[no-any-return]
-        return self.cache.get(key)  # type: ignore[no-any-return]
+        return cast("R", self.cache.get(key))
 
     def resolve(self, key: str) -> Any:
         """Recompute the value of ``key`` from the key alone (background refresh, workers)."""
@@ -258,6 +259,7 @@ def refreshing_cache(
     miss: MissPolicy = "inline",
     early_refresh: float | None = None,
     clock: Callable[[], float] | None = None,
+    value_type: Any = None,
 ) -> Callable[[Callable[P, R]], CachedFunction[P, R]]:
     """Cache a function's results; stale results are served while refreshed in the background.
 
@@ -266,7 +268,10 @@ def refreshing_cache(
     call). ``vary_on()`` is called on each call and becomes part of the key: use it when the
     result depends on context that is not an argument (the current user or tenant).
 
-    ``miss`` and ``early_refresh`` are as for :func:`oqron_cache.cache`.
+    ``miss`` and ``early_refresh`` are as for :func:`oqron_cache.cache`. ``value_type`` too,
+    and without it the return annotation is taken when plain JSON would not give it back
+    (``-> User`` for a dataclass ``User``, ``-> list[Order]``, ``-> datetime``); ``-> dict``
+    and other JSON types keep the strict JSON codec.
 
     An ``async def`` function gives an ``async def`` wrapper (awaited on the async front,
     with ``.ainvalidate(...)`` and ``.arefresh(...)``); workers and the background refresher
@@ -300,6 +305,7 @@ def refreshing_cache(
             stale = fresh if fresh is not None else 0.0
         # Everything that can fail about the function itself fails before the name is taken.
         controls = _Controls(func, key, vary_on)
+        typed = value_type if value_type is not None else inferred_value_type(func)
 
         cache_obj = cache(
             cache_name,
@@ -316,6 +322,7 @@ def refreshing_cache(
             early_refresh=early_refresh,
             clock=clock,
             resolver=controls.aresolve if is_async else controls.resolve,
+            value_type=typed,
         )
         controls.cache = cache_obj
         return _wrap_async(controls) if is_async else _wrap(controls)

@@ -7,7 +7,7 @@ import inspect
 import logging
 import math
 from collections.abc import Awaitable, Callable, Iterable, Mapping
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, Generic, TypeVar, cast, overload
 
 from .celery.write_through import WriteHandle
 from .celery.write_through import start as start_write
@@ -28,6 +28,7 @@ from .core.options import (
     resolve_tiers,
     stampede_from_dict,
 )
+from .core.typed import check_value_type
 from .engine import registry
 from .engine.invalidation import (
     invalidate_pattern,
@@ -44,6 +45,9 @@ if TYPE_CHECKING:
     from .runtime import Runtime
 
 log = logging.getLogger("oqron_cache")
+
+V = TypeVar("V")  # the cache's values (value_type=), Any when not declared
+D = TypeVar("D")
 
 SCAN_COUNT = 500
 UNLINK_BATCH = 500
@@ -84,8 +88,12 @@ def _bounded(value: int, name: str, limit: int) -> int:
     return value
 
 
-class Cache:
-    """A two-tier cache. Create it with :func:`cache`; its name is unique in the process."""
+class Cache(Generic[V]):
+    """A two-tier cache. Create it with :func:`cache`; its name is unique in the process.
+
+    ``Cache[User]`` (from ``cache(..., value_type=User)``) tells type checkers what it holds:
+    ``get()`` returns ``User | None``.
+    """
 
     def __init__(self, options: CacheOptions, clock: Callable[[], float] | None = None) -> None:
         self.options = options
@@ -112,6 +120,10 @@ class Cache:
         """Forget the engine (``configure()`` calls this so the next use rebinds)."""
         self._stack = None
 
+    @overload
+    def get(self, key: str) -> V | None: ...
+    @overload
+    def get(self, key: str, default: D) -> V | D: ...
     def get(self, key: str, default: Any = None) -> Any:
         """Return the value of ``key``: from L1, else L2, else the resolver (if any).
 
@@ -123,14 +135,14 @@ class Cache:
             raise _bad_key(key)
         return (self._stack or self._bind()).get(key, self.options.resolver, default)
 
-    def get_or_set(self, key: str, factory: Callable[[], Any]) -> Any:
+    def get_or_set(self, key: str, factory: Callable[[], V]) -> V:
         """Return the value of ``key``, calling ``factory()`` (once across processes) on a miss."""
         if type(key) is not str or not key:
             raise _bad_key(key)
-        return self.stack.get(key, _factory_resolver(factory, "get_or_set"))
+        return cast("V", self.stack.get(key, _factory_resolver(factory, "get_or_set")))
 
     def set(
-        self, key: str, value: Any, *, wait: bool = True, timeout: float = 30.0
+        self, key: str, value: V, *, wait: bool = True, timeout: float = 30.0
     ) -> WriteHandle | None:
         """Store ``value`` in every tier; other processes drop their L1 copy.
 
@@ -201,14 +213,14 @@ class Cache:
 
     # -- many keys at once
 
-    def get_many(self, keys: Iterable[str]) -> dict[str, Any]:
+    def get_many(self, keys: Iterable[str]) -> dict[str, V]:
         """The values of ``keys`` as a dict, each as :meth:`get` would return it; keys with no
         value are left out. L1 first; the rest is read from L2 in one pipelined round trip
         (with a resolver, what is still missing is loaded key by key, deduplicated as usual).
         """
         return self.stack.get_many(_check_keys(keys, "get_many"), self.options.resolver)
 
-    def set_many(self, values: Mapping[str, Any]) -> None:
+    def set_many(self, values: Mapping[str, V]) -> None:
         """:meth:`set` each ``key: value``, the L2 writes pipelined in one round trip.
 
         Not for write-through caches (each write goes through the origin: use :meth:`set`).
@@ -221,7 +233,7 @@ class Cache:
         checked = list(dict.fromkeys(_check_keys(keys, "delete_many")))
         drive(remove_many_steps(self.stack, checked), self.stack.l2)
 
-    def _check_values(self, values: Mapping[str, Any], method: str) -> dict[str, Any]:
+    def _check_values(self, values: Mapping[str, V], method: str) -> dict[str, Any]:
         if not isinstance(values, Mapping):
             raise TypeError(f"{method}() takes a mapping of key: value")
         if self.options.write_through is not None:
@@ -234,6 +246,10 @@ class Cache:
 
     # -- the async front (DESIGN section 10): the same steps, driven on the running loop
 
+    @overload
+    async def aget(self, key: str) -> V | None: ...
+    @overload
+    async def aget(self, key: str, default: D) -> V | D: ...
     async def aget(self, key: str, default: Any = None) -> Any:
         """:meth:`get` for asyncio code. An L1 hit does no I/O and never yields to the loop;
         L2 is read through ``redis.asyncio`` on the running loop; an ``async def`` resolver
@@ -243,15 +259,15 @@ class Cache:
         return await (self._stack or self._bind()).aget(key, self.options.resolver, default)
 
     async def aget_or_set(
-        self, key: str, factory: Callable[[], Any] | Callable[[], Awaitable[Any]]
-    ) -> Any:
+        self, key: str, factory: Callable[[], V] | Callable[[], Awaitable[V]]
+    ) -> V:
         """:meth:`get_or_set` for asyncio code; ``factory`` may be sync or ``async def``."""
         if type(key) is not str or not key:
             raise _bad_key(key)
-        return await self.stack.aget(key, _factory_resolver(factory, "aget_or_set"))
+        return cast("V", await self.stack.aget(key, _factory_resolver(factory, "aget_or_set")))
 
     async def aset(
-        self, key: str, value: Any, *, wait: bool = True, timeout: float = 30.0
+        self, key: str, value: V, *, wait: bool = True, timeout: float = 30.0
     ) -> WriteHandle | None:
         """:meth:`set` for asyncio code. A write-through set (a Celery chain, or the origin
         called inline) runs in a worker thread: the loop never waits on the broker."""
@@ -270,11 +286,11 @@ class Cache:
         stack = self.stack
         await adrive(remove_steps(stack, key), stack.async_l2())
 
-    async def aget_many(self, keys: Iterable[str]) -> dict[str, Any]:
+    async def aget_many(self, keys: Iterable[str]) -> dict[str, V]:
         """:meth:`get_many` for asyncio code."""
         return await self.stack.aget_many(_check_keys(keys, "aget_many"), self.options.resolver)
 
-    async def aset_many(self, values: Mapping[str, Any]) -> None:
+    async def aset_many(self, values: Mapping[str, V]) -> None:
         """:meth:`set_many` for asyncio code."""
         items = self._check_values(values, "aset_many")
         stack = self.stack
@@ -339,6 +355,29 @@ class Cache:
         self._stack = None
 
 
+@overload
+def cache(
+    name: str,
+    *,
+    value_type: type[V],
+    tiers: Iterable[MemoryTier | RedisTier | Mapping[str, Any]] | None = None,
+    ttl: Duration | None = None,
+    stale_ttl: Duration = 0,
+    stampede: Stampede | Mapping[str, Any] | None = None,
+    strategy: Strategy = "fixed",
+    resolver: Callable[[str], Any] | None = None,
+    tags: TagsFunc | None = None,
+    write_through: Callable[[str, Any], None] | None = None,
+    miss: MissPolicy = "inline",
+    codec: str = "json",
+    max_size: int = 1000,
+    max_value_bytes: int = 1 << 20,
+    max_key_bytes: int = 200,
+    max_tags: int = 32,
+    early_refresh: float | None = None,
+    clock: Callable[[], float] | None = None,
+) -> Cache[V]: ...
+@overload
 def cache(
     name: str,
     *,
@@ -358,7 +397,51 @@ def cache(
     max_tags: int = 32,
     early_refresh: float | None = None,
     clock: Callable[[], float] | None = None,
-) -> Cache:
+    value_type: None = None,
+) -> Cache[Any]: ...
+@overload
+def cache(
+    name: str,
+    *,
+    tiers: Iterable[MemoryTier | RedisTier | Mapping[str, Any]] | None = None,
+    ttl: Duration | None = None,
+    stale_ttl: Duration = 0,
+    stampede: Stampede | Mapping[str, Any] | None = None,
+    strategy: Strategy = "fixed",
+    resolver: Callable[[str], Any] | None = None,
+    tags: TagsFunc | None = None,
+    write_through: Callable[[str, Any], None] | None = None,
+    miss: MissPolicy = "inline",
+    codec: str = "json",
+    max_size: int = 1000,
+    max_value_bytes: int = 1 << 20,
+    max_key_bytes: int = 200,
+    max_tags: int = 32,
+    early_refresh: float | None = None,
+    clock: Callable[[], float] | None = None,
+    value_type: Any,
+) -> Cache[Any]: ...
+def cache(
+    name: str,
+    *,
+    tiers: Iterable[MemoryTier | RedisTier | Mapping[str, Any]] | None = None,
+    ttl: Duration | None = None,
+    stale_ttl: Duration = 0,
+    stampede: Stampede | Mapping[str, Any] | None = None,
+    strategy: Strategy = "fixed",
+    resolver: Callable[[str], Any] | None = None,
+    tags: TagsFunc | None = None,
+    write_through: Callable[[str, Any], None] | None = None,
+    miss: MissPolicy = "inline",
+    codec: str = "json",
+    max_size: int = 1000,
+    max_value_bytes: int = 1 << 20,
+    max_key_bytes: int = 200,
+    max_tags: int = 32,
+    early_refresh: float | None = None,
+    clock: Callable[[], float] | None = None,
+    value_type: Any = None,
+) -> Cache[Any]:
     """Declare a cache. Connects nothing: Redis is wired by :func:`oqron_cache.configure`.
 
     ``name`` is unique (workers find the cache by it). ``tiers`` is ``[MemoryTier, RedisTier]``
@@ -372,7 +455,10 @@ def cache(
     that cannot compute values themselves; without a Celery app they load inline).
     ``early_refresh=beta`` (e.g. 1.0) turns on probabilistic early refresh (XFetch): hot keys
     are refreshed shortly before they go stale, more eagerly for slow resolvers and larger beta.
-    ``clock`` (wall clock, seconds) is for tests.
+    ``clock`` (wall clock, seconds) is for tests. ``value_type=User`` stores and returns
+    ``User`` objects (dataclasses, msgspec Structs, TypedDicts, NamedTuples, datetimes, UUIDs,
+    Decimals, Enums, sets, containers of these, pydantic models; see ``core/typed.py``), each
+    checked on the way in; the cache is then a ``Cache[User]`` for type checkers.
     """
     validate_cache_name(name)
     if strategy not in ("fixed", "sliding"):
@@ -406,6 +492,7 @@ def cache(
     else:
         raise TypeError(f"stampede must be a Stampede or a dict; got {type(stampede).__name__}")
     get_codec(codec)  # fail at declaration for an unknown codec or pickle
+    check_value_type(value_type, f"cache {name!r}")
     options = CacheOptions(
         name=name,
         ttl=fresh,
@@ -423,5 +510,6 @@ def cache(
         max_key_bytes=positive_int(max_key_bytes, "max_key_bytes", minimum=16),
         max_tags=_bounded(positive_int(max_tags, "max_tags"), "max_tags", 200),
         early_refresh=beta,
+        value_type=value_type,
     )
     return Cache(options, clock)

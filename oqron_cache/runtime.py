@@ -24,11 +24,11 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 
 from .celery.tasks import Enqueuer, check_timings, install
 from .core.breaker import CircuitBreaker
-from .core.codecs import get_codec
 from .core.errors import ConfigurationError, NotConfiguredError
 from .core.flood import ADMIT, PAUSE_NOW, FloodGuard
 from .core.keys import KeySpace, bus_channel
 from .core.settings import Settings, mask_url
+from .core.typed import make_codec
 from .engine.l1 import MemoryStore
 from .engine.recovery import Recovery
 from .engine.refresh import Dispatcher
@@ -187,7 +187,7 @@ class Runtime:
                 stacklevel=4,
             )
 
-    def bind(self, cache: Cache) -> CacheStack:
+    def bind(self, cache: Cache[Any]) -> CacheStack:
         """Build (once) the stack of ``cache`` from this runtime's parts."""
         with self._lock:
             stack = self.stacks.get(cache.name)
@@ -211,7 +211,8 @@ class Runtime:
                 else None
             )
             clock = cache.clock or self.settings.clock or time.time
-            stack = CacheStack(opts, get_codec(opts.codec), l1, l2, self, cache.stats, clock)
+            codec = make_codec(opts.codec, opts.value_type)
+            stack = CacheStack(opts, codec, l1, l2, self, cache.stats, clock)
             if self.settings.celery_app is not None:
                 check_timings(self.settings.celery_app, cache.name, opts.stampede.lock_ttl)
             stack.owner = cache

@@ -449,7 +449,7 @@ def test_row8_bad_cache_name(name: str) -> None:
 
 def test_row8_cache_name_of_wrong_type() -> None:
     with pytest.raises(TypeError, match="cache name must be a str"):
-        oqron_cache.cache(None, ttl="1m")  # type: ignore[arg-type]
+        oqron_cache.cache(None, ttl="1m")  # type: ignore[call-overload]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1094,7 +1094,7 @@ def test_row21_bad_tags(
 
 def test_row21_tags_must_be_callable_and_max_tags_validated() -> None:
     with pytest.raises(TypeError, match="tags must be callable"):
-        oqron_cache.cache(unique(), ttl="1m", tags=["a"])  # type: ignore[arg-type]
+        oqron_cache.cache(unique(), ttl="1m", tags=["a"])  # type: ignore[call-overload]
     with pytest.raises(ValueError, match="max_tags"):
         oqron_cache.cache(unique(), ttl="1m", max_tags=0)
 

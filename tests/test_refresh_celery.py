@@ -190,7 +190,7 @@ def join() -> None:
     assert current_runtime().dispatcher.join(10), "background refreshes did not finish"
 
 
-def stats(cache: oqron_cache.Cache) -> dict[str, Any]:
+def stats(cache: oqron_cache.Cache[Any]) -> dict[str, Any]:
     return cache.get_stats(local=True)
 
 

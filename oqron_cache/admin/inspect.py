@@ -7,7 +7,6 @@ lock, and which tiers hold it; the value is decoded only with ``--value``.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime as _dt
 import json
 import time
@@ -32,16 +31,20 @@ L1_NOTE = "per process (not visible from here)"
 
 
 def _codec_by_id(codec_id: int) -> Codec | None:
-    for codec_name in ("json", "msgpack"):
-        with contextlib.suppress(ConfigurationError):
-            codec = get_codec(codec_name)
-            if codec.codec_id == codec_id:
-                return codec
-    return None
+    """The untyped codec that reads ``codec_id``: typed values (ids 3 and 4) are shown as plain
+    JSON / msgpack, since their type lives in the application, not in Redis."""
+    codec_name = {1: "json", 2: "msgpack", 3: "json", 4: "msgpack"}.get(codec_id)
+    if codec_name is None:
+        return None
+    try:
+        return get_codec(codec_name)
+    except ConfigurationError:  # msgpack not installed here
+        return None
 
 
 def _codec_name(codec_id: int) -> str:
-    return {1: "json", 2: "msgpack"}.get(codec_id, "unknown")  # ids fixed by the envelope
+    names = {1: "json", 2: "msgpack", 3: "typed json", 4: "typed msgpack"}
+    return names.get(codec_id, "unknown")  # ids fixed by the envelope
 
 
 def human_seconds(seconds: float) -> str:
@@ -158,7 +161,7 @@ def run_inspect(args: argparse.Namespace) -> int:
             code = EXIT_NOT_FOUND
         else:
             try:
-                value = codec.decode(payload)
+                value = codec.read(codec_id, payload)
             except Exception as exc:  # any decoder failure means: not a value we wrote
                 value_text = f"cannot decode with {codec.name}: {one_line(exc)}"
                 doc["value_error"] = value_text

@@ -11,6 +11,7 @@ import argparse
 import contextlib
 import json
 import time
+from typing import Any
 
 import redis
 
@@ -59,7 +60,7 @@ class _Conn(RedisConn):
         self.failures.append(f"{kind}: {one_line(exc)}")
 
 
-class _StandIn(Cache):
+class _StandIn(Cache[Any]):
     """A Redis-only cache of a given name, bound to a stack built here and never registered.
 
     The admin command line knows caches by name only; this runs the library's own delete and
@@ -75,7 +76,7 @@ class _StandIn(Cache):
         self._stack = stack
 
 
-def stand_in(client: redis.Redis, namespace: str, name: str, max_key_bytes: int) -> Cache:
+def stand_in(client: redis.Redis, namespace: str, name: str, max_key_bytes: int) -> Cache[Any]:
     """A :class:`~oqron_cache.frontend.Cache` of ``name`` that only knows its Redis keys."""
     ttl = 1.0  # unused: the stand-in never fills
     options = CacheOptions(
@@ -189,7 +190,7 @@ def _entries(count: int) -> str:
     return f"{count} entr{'y' if count == 1 else 'ies'}"
 
 
-def _present(client: redis.Redis, cache: Cache, keys: list[str]) -> list[str]:
+def _present(client: redis.Redis, cache: Cache[Any], keys: list[str]) -> list[str]:
     """The keys of ``keys`` that hold an entry in L2 (not a tombstone)."""
     store = cache.stack.l2
     assert store is not None

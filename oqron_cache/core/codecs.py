@@ -13,9 +13,12 @@ import json
 import math
 from typing import Any, Protocol
 
+import msgspec
+
 from .errors import ConfigurationError, SerializationError
 
 _MAX_DEPTH = 100
+_fast_json = msgspec.json.Decoder().decode
 
 
 class Codec(Protocol):
@@ -30,6 +33,11 @@ class Codec(Protocol):
 
     def decode(self, data: bytes | memoryview) -> Any:
         """Return the value encoded in ``data``; raise ``ValueError`` if it is not valid."""
+        ...
+
+    def read(self, codec_id: int, data: bytes | memoryview) -> Any:
+        """Decode an L2 entry's payload written by codec ``codec_id``; ``ValueError`` if this
+        codec cannot read that id (the read path treats it as a bad entry: a miss)."""
         ...
 
 
@@ -94,7 +102,16 @@ class JsonCodec:
         return self._encoder.encode(value).encode("utf-8", "surrogatepass")
 
     def decode(self, data: bytes | memoryview) -> Any:
-        return json.loads(bytes(data).decode("utf-8", "surrogatepass"))
+        try:
+            return _fast_json(data)  # msgspec: the same values as json.loads, 4x faster
+        except ValueError:  # lone surrogates (not UTF-8), or not JSON at all
+            return json.loads(bytes(data).decode("utf-8", "surrogatepass"))
+
+    def read(self, codec_id: int, data: bytes | memoryview) -> Any:
+        # Typed JSON (id 3, value_type=) is JSON too: read as plain values (a rolling upgrade).
+        if codec_id not in {1, 3}:
+            raise ValueError(f"codec id {codec_id}")
+        return self.decode(data)
 
 
 class MsgpackCodec:
@@ -129,6 +146,12 @@ class MsgpackCodec:
         return self._msgpack.unpackb(
             data, raw=False, strict_map_key=False, use_list=True, unicode_errors="surrogatepass"
         )
+
+    def read(self, codec_id: int, data: bytes | memoryview) -> Any:
+        # Typed msgpack (id 4, value_type=) is msgpack too: read as plain values.
+        if codec_id not in {2, 4}:
+            raise ValueError(f"codec id {codec_id}")
+        return self.decode(data)
 
 
 _CODECS: dict[str, type[JsonCodec] | type[MsgpackCodec]] = {

@@ -147,6 +147,7 @@ class CacheOptions:
     max_key_bytes: int
     max_tags: int = 32
     early_refresh: float | None = None  # XFetch beta; None = off
+    value_type: Any = None  # typed values (core/typed.py); None = plain JSON/msgpack values
     extra: Mapping[str, Any] = field(default_factory=dict)
 
     @property

@@ -89,7 +89,7 @@ class Participant:
         self.app = app
         self.resolver = CountingResolver()
         self.counter: redis.Redis | None = None
-        self.caches: dict[str, Cache] = {}
+        self.caches: dict[str, Cache[Any]] = {}
         self.configured = redis_url is not None or app is not None
         try:
             if self.configured:
@@ -209,7 +209,7 @@ class Participant:
         return report
 
     @staticmethod
-    def _wait_for_new(target: Cache, phase: Phase) -> float | None:
+    def _wait_for_new(target: Cache[Any], phase: Phase) -> float | None:
         """Read ``phase.key`` until the refreshed value shows; when it did (``None``: never)."""
         deadline = time.monotonic() + VISIBLE_TIMEOUT
         while time.monotonic() < deadline:

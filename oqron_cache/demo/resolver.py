@@ -99,7 +99,7 @@ class CountingResolver:
             client.close()
 
 
-def declare_caches(resolver: Callable[[str], Any], *, shared: bool) -> dict[str, Cache]:
+def declare_caches(resolver: Callable[[str], Any], *, shared: bool) -> dict[str, Cache[Any]]:
     """The demo's two caches: "demo" (``stale_ttl`` 0) and "demo-swr" (``stale_ttl`` 30 s).
 
     ``shared``: L1 + L2 (Redis); else the memory tier alone.
@@ -109,7 +109,7 @@ def declare_caches(resolver: Callable[[str], Any], *, shared: bool) -> dict[str,
         tiers = [MemoryTier(max_size=100), RedisTier(ttl=TTL)]
     else:
         tiers = [MemoryTier(max_size=100, ttl=TTL)]
-    caches: dict[str, Cache] = {}
+    caches: dict[str, Cache[Any]] = {}
     try:
         caches["main"] = cache(CACHE_NAMES["main"], tiers=tiers, resolver=resolver)
         caches["swr"] = cache(

@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from ..core.errors import SerializationError
 from ..core.keys import printable
 from ..redis.store import COMPUTING, FAILED, QUEUED, L2Unavailable
 from .steps import call_sync
@@ -328,7 +329,21 @@ def run_refresh(
     elapsed = time.perf_counter() - started
     stack.stats.incr("resolver_calls")
     stack.stats.observe("resolver", elapsed)
-    outcome = store(stack, key, value, basis, elapsed, keep_lock=True)
+    try:
+        outcome = store(stack, key, value, basis, elapsed, keep_lock=True)
+    except SerializationError:
+        # The resolver returned what the codec (or value_type) refuses: nothing is stored,
+        # the stale value stays served, and the lock throttles the next try.
+        stack.stats.incr("refresh_failures")
+        log.warning(
+            "cache %s: refresh of %s returned a value that cannot be stored; the stale value "
+            "stays served",
+            stack.name,
+            printable(key),
+            exc_info=True,
+        )
+        _throttle(stack, key, token)
+        return "refused"
     if outcome == OVERSIZE:
         # Not cacheable: refreshing again at once would only run the resolver again.
         stack.stats.incr("refresh_failures")

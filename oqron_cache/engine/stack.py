@@ -445,9 +445,7 @@ class CacheStack:
             entry, codec_id, payload = unpack(raw)
             if entry.tombstone:
                 return Found(None, entry.version, stamp, began, wall)
-            if codec_id != self.codec.codec_id:
-                raise Corrupt(f"codec id {codec_id}")
-            entry.value = self.codec.decode(payload)
+            entry.value = self.codec.read(codec_id, payload)
         except (Corrupt, ValueError, TypeError) as exc:
             if recheck:
                 return Found(None, raw[2:10], stamp, began, wall)

@@ -71,6 +71,10 @@ class GatedCodec:
         self.gates.hold("decode")
         return self.inner.decode(data)
 
+    def read(self, codec_id: int, data: bytes | memoryview) -> Any:
+        self.gates.hold("decode")
+        return self.inner.read(codec_id, data)
+
 
 class GatedL1:
     """The stack's L1 store, with the ``l1put`` gate in front of ``put``."""

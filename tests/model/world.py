@@ -97,7 +97,9 @@ class FakeEnqueuer:
         """Nothing to stop (``Runtime.close`` calls it)."""
 
 
-def declare(resolver_for: Callable[[str], Callable[[str], Any]]) -> dict[str, oqron_cache.Cache]:
+def declare(
+    resolver_for: Callable[[str], Callable[[str], Any]],
+) -> dict[str, oqron_cache.Cache[Any]]:
     """The two caches of the model (both processes declare them alike)."""
     made = {}
     for name in CACHES:
@@ -158,7 +160,7 @@ def settle(timeout: float) -> bool:
         time.sleep(0.02)
 
 
-def l1_state(caches: dict[str, oqron_cache.Cache]) -> dict[str, Any]:
+def l1_state(caches: dict[str, oqron_cache.Cache[Any]]) -> dict[str, Any]:
     """What this process's L1s hold: per cache, ``(key, value, fresh_until, stale_until,
     version hex)`` of each copy, and the size and bound of each store."""
     out: dict[str, Any] = {"copies": {}, "sizes": {}}

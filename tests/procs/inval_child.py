@@ -109,7 +109,7 @@ def declare(
     stale_ttl: str | int,
     resolver: Callable[[str], Any] | None,
     max_size: int = 5000,
-) -> oqron_cache.Cache:
+) -> oqron_cache.Cache[Any]:
     """The cache every process of a test declares (same name, same options)."""
     return oqron_cache.cache(
         name,
@@ -124,7 +124,7 @@ def declare(
 class Watch:
     """Timestamps the bus messages this process applies and when L1 lost the watched keys."""
 
-    def __init__(self, cache: oqron_cache.Cache) -> None:
+    def __init__(self, cache: oqron_cache.Cache[Any]) -> None:
         self.stack = cache.stack
         self.lock = threading.Lock()
         self.gone: list[str] = []
@@ -202,8 +202,13 @@ class HeldDecode:
                 time.sleep(0.002)
         return self.codec.decode(data)
 
+    def read(self, codec_id: int, data: bytes | memoryview) -> Any:
+        if codec_id != self.codec_id:
+            raise ValueError(f"codec id {codec_id}")
+        return self.decode(data)
 
-def _held(cache: oqron_cache.Cache, keys: list[str]) -> list[Any]:
+
+def _held(cache: oqron_cache.Cache[Any], keys: list[str]) -> list[Any]:
     l1 = cache.stack.l1
     assert l1 is not None
     out = []
@@ -213,7 +218,7 @@ def _held(cache: oqron_cache.Cache, keys: list[str]) -> list[Any]:
     return out
 
 
-def _serve(cache: oqron_cache.Cache) -> None:
+def _serve(cache: oqron_cache.Cache[Any]) -> None:
     watch = Watch(cache)
     runtime = oqron_cache.config.current_runtime()
     deadline = time.monotonic() + 10

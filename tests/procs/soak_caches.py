@@ -207,13 +207,13 @@ def _hook_celery() -> None:
     task_revoked.connect(_on_revoked, weak=False)
 
 
-def declare(settings: Params) -> dict[str, oqron_cache.Cache]:
+def declare(settings: Params) -> dict[str, oqron_cache.Cache[Any]]:
     """Declare the two caches (once per process) and set up the origin and the recorder."""
     with _state_lock:
         if "caches" in _state:
             if _state["params"] != settings:
                 raise RuntimeError("soak caches declared twice with different parameters")
-            caches: dict[str, oqron_cache.Cache] = _state["caches"]
+            caches: dict[str, oqron_cache.Cache[Any]] = _state["caches"]
             return caches
         _state["params"] = settings
         _state["origin"] = Origin(settings.origin_url, settings.origin_ns)

@@ -91,7 +91,7 @@ def celery_app(broker_url: str, name: str = "soak_web") -> Any:
 class Mix:
     """One thread's operations on the caches, each recorded."""
 
-    def __init__(self, plan: Plan, caches: dict[str, oqron_cache.Cache], rng: random.Random):
+    def __init__(self, plan: Plan, caches: dict[str, oqron_cache.Cache[Any]], rng: random.Random):
         self.plan = plan
         self.caches = caches
         self.rng = rng
@@ -153,7 +153,7 @@ class Mix:
             self.caches[SWR].invalidate_by_tag(f"g{number}")
 
 
-def _thread(plan: Plan, caches: dict[str, oqron_cache.Cache], number: int) -> None:
+def _thread(plan: Plan, caches: dict[str, oqron_cache.Cache[Any]], number: int) -> None:
     rng = random.Random(f"{plan.seed}:{plan.index}:{number}")
     mix = Mix(plan, caches, rng)
     while time.time() < plan.end_at:
@@ -167,7 +167,7 @@ def _thread(plan: Plan, caches: dict[str, oqron_cache.Cache], number: int) -> No
             time.sleep(rng.expovariate(1.0 / plan.think))
 
 
-def _work(plan: Plan, caches: dict[str, oqron_cache.Cache]) -> None:
+def _work(plan: Plan, caches: dict[str, oqron_cache.Cache[Any]]) -> None:
     """The threads of the mix, then the late reads."""
     time.sleep(max(0.0, plan.start_at - time.time()))
     threads = [
