@@ -14,6 +14,7 @@ from collections.abc import Callable
 
 from . import (
     async_hit,
+    codecs,
     expired_stampede,
     l1_hit,
     l2_hit,
@@ -31,6 +32,7 @@ ALL = (
     "expired_stampede",
     "refresh_visible",
     "async_hit",
+    "codecs",
 )
 
 
@@ -53,6 +55,7 @@ def main(argv: list[str] | None = None) -> int:
         "expired_stampede": lambda: expired_stampede.run(url, runs=1 if quick else 5),
         "refresh_visible": lambda: refresh_visible.run(url, rounds=3 if quick else 20),
         "async_hit": lambda: async_hit.run(url, reps=200 if quick else 2000),
+        "codecs": lambda: codecs.run(reps=100 if quick else 2000),
     }
     wanted = [name.strip() for name in args.only.split(",") if name.strip()]
     unknown = [name for name in wanted if name not in benchmarks]

@@ -19,6 +19,7 @@ from .errors import ConfigurationError, SerializationError
 
 _MAX_DEPTH = 100
 _fast_json = msgspec.json.Decoder().decode
+_fast_json_encode = msgspec.json.Encoder().encode
 
 
 class Codec(Protocol):
@@ -98,8 +99,12 @@ class JsonCodec:
 
     def encode(self, value: Any, origin: str) -> bytes:
         _check(value, origin, self.name, int_keys=False, allow_bytes=False)
-        # surrogatepass: a str with a lone surrogate is a valid Python str and must round-trip.
-        return self._encoder.encode(value).encode("utf-8", "surrogatepass")
+        try:
+            return _fast_json_encode(value)  # what the walk let through, msgspec writes as is
+        except UnicodeEncodeError:
+            # surrogatepass: a str with a lone surrogate is a valid Python str and must
+            # round-trip; msgspec refuses it, the stdlib writes it.
+            return self._encoder.encode(value).encode("utf-8", "surrogatepass")
 
     def decode(self, data: bytes | memoryview) -> Any:
         try:
