@@ -126,9 +126,11 @@ async def _run(url: str, namespace: str, inner: int, reps: int, warmup: int) -> 
             for _ in range(n):
                 await aio_mem.get("k")
 
+        floor_get: Any = floor.get  # its reply type differs between redis-py 6 and 8
+
         async def floor_l2(n: int) -> None:
             for _ in range(n):
-                json.loads(await floor.get(floor_key))
+                json.loads(await floor_get(floor_key))
 
         async def oqron_l2(n: int) -> None:
             for _ in range(n):

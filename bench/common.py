@@ -24,9 +24,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
-from typing import Any
 
 import redis
+
+from oqron_cache.redis.replies import as_dict, as_int
 
 BENCH_DIR = Path(__file__).resolve().parent
 REPO_DIR = BENCH_DIR.parent
@@ -58,10 +59,10 @@ def delete_namespace(client: redis.Redis, namespace: str) -> int:
     for key in client.scan_iter(match=f"*{namespace}*", count=1000):
         batch.append(key)
         if len(batch) >= 500:
-            removed += int(client.unlink(*batch))  # type: ignore[arg-type]
+            removed += as_int(client.unlink(*batch))
             batch.clear()
     if batch:
-        removed += int(client.unlink(*batch))  # type: ignore[arg-type]
+        removed += as_int(client.unlink(*batch))
     return removed
 
 
@@ -308,7 +309,7 @@ def machine_info(url: str | None = None) -> dict[str, str]:
     if url is not None:
         try:
             client = redis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=2)
-            server: dict[str, Any] = client.info("server")  # type: ignore[assignment]
+            server = as_dict(client.info("server"))
             client.close()
             info["redis server"] = f"{server.get('redis_version')} at {redis_url_host(url)}"
         except redis.RedisError as exc:

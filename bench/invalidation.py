@@ -51,6 +51,8 @@ from typing import Any
 
 import redis
 
+from oqron_cache.redis.replies import as_list
+
 from .common import (
     REPO_DIR,
     Check,
@@ -244,7 +246,7 @@ def live_entries(admin: redis.Redis, cache: Any, pattern: str) -> int:
 
 def latency_ms(admin: redis.Redis) -> tuple[int, str]:
     """The slowest event since the last ``LATENCY RESET``: (ms, its name); (0, "") if none."""
-    latest: list[list[Any]] = admin.latency_latest()  # type: ignore[assignment]  # sync client
+    latest: list[list[Any]] = as_list(admin.latency_latest())
     worst = max(latest, key=lambda event: int(event[3]), default=None)
     if worst is None:
         return 0, ""

@@ -28,6 +28,7 @@ from celery import shared_task
 
 import oqron_cache
 from oqron_cache import MemoryTier, RedisTier, Stampede
+from oqron_cache.redis.replies import as_int
 
 from .common import sample_value
 
@@ -63,7 +64,7 @@ def _counter() -> redis.Redis:
 
 def resolve(key: str) -> dict[str, Any]:
     """Count the call, sleep like a slow query, return the value of the new generation."""
-    gen = int(_counter().incr(counter_key(os.environ["OQRON_NAMESPACE"], key)))  # type: ignore[arg-type]
+    gen = as_int(_counter().incr(counter_key(os.environ["OQRON_NAMESPACE"], key)))
     time.sleep(resolver_sleep())
     return make_value(key, gen)
 

@@ -19,6 +19,8 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from oqron_cache.redis.replies import as_bytes
+
 from .common import bench_namespace
 from .procs import CeleryWorker, Pool
 from .refresh_caches import TTL, counter_key
@@ -95,7 +97,7 @@ def refresh_rig(
                 if any(pool.call("warm", lib, keys[lib], gens[lib])):
                     raise AssertionError(f"{lib}: a process read a wrong value while warming")
             baseline = {
-                key: int(client.get(counter_key(namespace, key)) or 0)  # type: ignore[arg-type]
+                key: int(as_bytes(client.get(counter_key(namespace, key))) or 0)
                 for lib in libraries
                 for key in keys[lib]
             }

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from oqron_cache.celery.enqueue import REFRESH_QUEUE
+from oqron_cache.redis.replies import as_int
 
 from .bare_celery import BareRefresh
 from .refresh_caches import TTL, counter_key, make_value
@@ -180,7 +181,7 @@ class Web:
         self.oqron = bench_cache
 
     def _resolve(self, key: str) -> dict[str, Any]:
-        gen = int(self.counter.incr(counter_key(self.namespace, key)))  # type: ignore[arg-type]
+        gen = as_int(self.counter.incr(counter_key(self.namespace, key)))
         time.sleep(self.sleep)
         return make_value(key, gen)
 

@@ -12,9 +12,11 @@ import threading
 from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any
 
 import redis
+
+from oqron_cache.redis.replies import as_int
 
 from .history_check import Report, Violation
 
@@ -115,9 +117,9 @@ def drain(broker: RedisServer, timeout: float) -> bool:
                 for key in client.scan_iter(count=100):
                     kind = client.type(key)
                     if kind == b"list":
-                        pending += int(cast(int, client.llen(key)))
+                        pending += as_int(client.llen(key))
                     elif key == b"unacked":
-                        pending += int(cast(int, client.hlen(key)))
+                        pending += as_int(client.hlen(key))
             except redis.RedisError:
                 pending = -1
             if pending == 0:

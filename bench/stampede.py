@@ -45,6 +45,8 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from typing import Any
 
+from oqron_cache.redis.replies import as_bytes
+
 from .common import (
     Check,
     Report,
@@ -432,7 +434,7 @@ def run(
                 for library in libraries:
                     key = f"{library}-{i}"
                     outcomes = pool.run(library, key)
-                    count = int(client.get(counter_key(namespace, key)) or 0)  # type: ignore[arg-type]
+                    count = int(as_bytes(client.get(counter_key(namespace, key))) or 0)
                     results[library].append(
                         RunResult(
                             count,

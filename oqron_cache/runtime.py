@@ -15,7 +15,7 @@ import time
 import warnings
 import weakref
 from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 import redis
@@ -38,6 +38,7 @@ from .redis.aio import AsyncRedisConn, AsyncRedisStore, connect_async
 from .redis.bus import Bus
 from .redis.checks import is_tls_failure
 from .redis.clients import connect
+from .redis.replies import as_dict
 from .redis.store import RedisConn, RedisStore
 
 if TYPE_CHECKING:
@@ -175,7 +176,7 @@ class Runtime:
         if (same.hostname, same.port) != (ours.hostname, ours.port):
             return
         try:
-            info = cast("dict[str, Any]", self.client.info("memory"))
+            info = as_dict(self.client.info("memory"))
         except redis.RedisError:
             return  # INFO may be forbidden by an ACL; nothing to check then
         policy = str(info.get("maxmemory_policy", ""))

@@ -31,11 +31,13 @@ import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import Any, cast
+from typing import Any
 
 import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
+
+from oqron_cache.redis.replies import as_dict, as_int
 
 __all__ = ["RedisServer", "delete_namespace", "free_port", "namespace_pattern", "no_retry"]
 
@@ -82,10 +84,10 @@ def delete_namespace(client: redis.Redis, ns: str, *, batch: int = 1000) -> int:
     for key in client.scan_iter(match=pattern, count=1000):
         pending.append(key)
         if len(pending) >= batch:
-            deleted += cast(int, client.unlink(*pending))
+            deleted += as_int(client.unlink(*pending))
             pending.clear()
     if pending:
-        deleted += cast(int, client.unlink(*pending))
+        deleted += as_int(client.unlink(*pending))
     return deleted
 
 
@@ -435,7 +437,7 @@ class RedisServer:
                 try:
                     probe.ping()
                     # Make sure it is OUR process answering, not a stranger on the port.
-                    info = cast(dict[str, Any], probe.info("server"))
+                    info = as_dict(probe.info("server"))
                     if int(info["process_id"]) == proc.pid:
                         return "ready"
                 except (redis.AuthenticationError, redis.exceptions.NoPermissionError):

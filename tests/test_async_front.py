@@ -22,6 +22,7 @@ import redis
 import oqron_cache
 from oqron_cache import MemoryTier, RedisTier, Stampede, refreshing_cache
 from oqron_cache.config import current_runtime
+from oqron_cache.redis.replies import as_dict, as_int
 from tests.procs import Child, worker_args
 
 
@@ -68,34 +69,31 @@ def test_l2_is_read_on_the_running_loop_one_pool_per_loop(
     assert cache.get_stats(local=True)["l2_hits"] == 2
 
 
-def test_writes_deletes_and_many_keys_on_the_async_front(
+@pytest.mark.asyncio
+async def test_writes_deletes_and_many_keys_on_the_async_front(
     configured: str, make_cache: Callable[..., Any]
 ) -> None:
     other = make_cache(ttl="1m")
     cache = make_cache(ttl="1m", name=other.name + "-a")
+    await cache.aset("a", 1)
+    assert await cache.aget("a") == 1
+    assert cache.get("a") == 1
+    await cache.adelete("a")
+    assert await cache.aget("a") is None
+    await cache.aset_many({"x": 1, "y": [2], "z": None})
+    assert await cache.aget_many(["x", "y", "z", "missing"]) == {"x": 1, "y": [2], "z": None}
+    cache.stack.l1.clear()
+    assert await cache.aget_many(["y", "x"]) == {"y": [2], "x": 1}
+    await cache.adelete_many(["x", "y"])
+    assert await cache.aget_many(["x", "y", "z"]) == {"z": None}
+    assert await cache.aget_or_set("f", lambda: "sync factory") == "sync factory"
 
-    async def scenario() -> None:
-        await cache.aset("a", 1)
-        assert await cache.aget("a") == 1
-        assert cache.get("a") == 1
-        await cache.adelete("a")
-        assert await cache.aget("a") is None
-        await cache.aset_many({"x": 1, "y": [2], "z": None})
-        assert await cache.aget_many(["x", "y", "z", "missing"]) == {"x": 1, "y": [2], "z": None}
-        cache.stack.l1.clear()
-        assert await cache.aget_many(["y", "x"]) == {"y": [2], "x": 1}
-        await cache.adelete_many(["x", "y"])
-        assert await cache.aget_many(["x", "y", "z"]) == {"z": None}
-        assert await cache.aget_or_set("f", lambda: "sync factory") == "sync factory"
+    async def factory() -> str:
+        return "async factory"
 
-        async def factory() -> str:
-            return "async factory"
-
-        assert await cache.aget_or_set("g", factory) == "async factory"
-        stats = await cache.aget_stats()
-        assert stats["sets"] == 4 and stats["deletes"] == 3
-
-    run(scenario())
+    assert await cache.aget_or_set("g", factory) == "async factory"
+    stats = await cache.aget_stats()
+    assert stats["sets"] == 4 and stats["deletes"] == 3
 
 
 def test_get_many_reads_every_key_below_l1_in_one_round_trip(
@@ -104,10 +102,10 @@ def test_get_many_reads_every_key_below_l1_in_one_round_trip(
     cache = make_cache(ttl="1m")
     cache.set_many({f"k{i}": i for i in range(50)})
     cache.stack.l1.clear()
-    before = cast("dict[str, Any]", redis_client.info("commandstats"))
+    before = as_dict(redis_client.info("commandstats"))
     gets_before = before.get("cmdstat_get", {}).get("calls", 0)
     assert cache.get_many([f"k{i}" for i in range(50)]) == {f"k{i}": i for i in range(50)}
-    after = cast("dict[str, Any]", redis_client.info("commandstats"))
+    after = as_dict(redis_client.info("commandstats"))
     assert after["cmdstat_get"]["calls"] - gets_before >= 50  # one pipeline of 50 GETs ...
     assert cache.get_stats(local=True)["l2_hits"] == 50  # ... and no second read of any
     with pytest.raises(TypeError, match="list of keys"):
@@ -120,7 +118,8 @@ def test_get_many_reads_every_key_below_l1_in_one_round_trip(
 
 
 @pytest.mark.slow
-def test_64_tasks_8_threads_and_3_processes_run_the_resolver_once(
+@pytest.mark.asyncio
+async def test_64_tasks_8_threads_and_3_processes_run_the_resolver_once(
     configured: str, redis_url: str, redis_client: redis.Redis, tmp_path: Path
 ) -> None:
     ns = configured
@@ -132,7 +131,7 @@ def test_64_tasks_8_threads_and_3_processes_run_the_resolver_once(
     processes = 4  # 3 children and this one
 
     async def resolver(k: str) -> dict[str, Any]:
-        n = int(cast(int, redis_client.incr(counter)))
+        n = as_int(redis_client.incr(counter))
         deadline = time.monotonic() + 10
         while int(cast("bytes | None", redis_client.get(started)) or 0) < processes:
             assert time.monotonic() < deadline, "the other processes never started"
@@ -162,15 +161,12 @@ def test_64_tasks_8_threads_and_3_processes_run_the_resolver_once(
         for thread in threads:
             thread.start()
 
-        async def tasks() -> list[Any]:
-            redis_client.rpush(go, *["go"] * 3)
-            barrier.wait()
-            calls = [asyncio.ensure_future(cache.aget(key)) for _ in range(64)]
-            await asyncio.sleep(0)  # every task has started its get
-            redis_client.incr(started)
-            return await asyncio.gather(*calls)
-
-        task_values = run(tasks())
+        redis_client.rpush(go, *["go"] * 3)
+        barrier.wait()
+        calls = [asyncio.ensure_future(cache.aget(key)) for _ in range(64)]
+        await asyncio.sleep(0)  # every task has started its get
+        redis_client.incr(started)
+        task_values = await asyncio.gather(*calls)
         for thread in threads:
             thread.join(30)
         results = [child.expect("result", timeout=30) for child in children]
@@ -187,7 +183,8 @@ def test_64_tasks_8_threads_and_3_processes_run_the_resolver_once(
 # -- cancellation ------------------------------------------------------------------------
 
 
-def test_a_cancelled_leader_hands_the_load_on_and_releases_its_lock(
+@pytest.mark.asyncio
+async def test_a_cancelled_leader_hands_the_load_on_and_releases_its_lock(
     configured: str, make_cache: Callable[..., Any], redis_client: redis.Redis
 ) -> None:
     runs: list[int] = []
@@ -199,27 +196,24 @@ def test_a_cancelled_leader_hands_the_load_on_and_releases_its_lock(
         return f"{key}-{len(runs)}"
 
     cache = make_cache(ttl="1m", resolver=resolver)
-
-    async def scenario() -> list[Any]:
-        leader = asyncio.ensure_future(cache.aget("k"))
-        while not runs:
-            await asyncio.sleep(0.001)
-        assert redis_client.exists(lock_key(cache, "k"))
-        waiters = [asyncio.ensure_future(cache.aget("k")) for _ in range(5)]
-        await asyncio.sleep(0.01)
-        assert cache.stack.flights._flights["k"].followers == 5
-        leader.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await leader
-        return await asyncio.gather(*waiters)
-
-    assert run(scenario()) == ["k-2"] * 5  # one of the waiters led the second load
+    leader = asyncio.ensure_future(cache.aget("k"))
+    while not runs:
+        await asyncio.sleep(0.001)
+    assert redis_client.exists(lock_key(cache, "k"))
+    waiters = [asyncio.ensure_future(cache.aget("k")) for _ in range(5)]
+    await asyncio.sleep(0.01)
+    assert cache.stack.flights._flights["k"].followers == 5
+    leader.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await leader
+    assert await asyncio.gather(*waiters) == ["k-2"] * 5  # one of the waiters led the second load
     assert len(runs) == 2
     assert not redis_client.exists(lock_key(cache, "k"))
     assert cache.stack.flights._flights == {}
 
 
-def test_a_cancelled_waiter_leaves_nothing_behind(
+@pytest.mark.asyncio
+async def test_a_cancelled_waiter_leaves_nothing_behind(
     configured: str, make_cache: Callable[..., Any]
 ) -> None:
     release = asyncio.Event()
@@ -229,23 +223,20 @@ def test_a_cancelled_waiter_leaves_nothing_behind(
         return "v"
 
     cache = make_cache(ttl="1m", resolver=resolver)
-
-    async def scenario() -> Any:
-        leader = asyncio.ensure_future(cache.aget("k"))
-        await asyncio.sleep(0.01)
-        waiter = asyncio.ensure_future(cache.aget("k"))
-        await asyncio.sleep(0.01)
-        waiter.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await waiter
-        release.set()
-        return await leader
-
-    assert run(scenario()) == "v"
+    leader = asyncio.ensure_future(cache.aget("k"))
+    await asyncio.sleep(0.01)
+    waiter = asyncio.ensure_future(cache.aget("k"))
+    await asyncio.sleep(0.01)
+    waiter.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiter
+    release.set()
+    assert await leader == "v"
     assert cache.stack.flights._flights == {}
 
 
-def test_10000_tasks_on_one_cold_key_all_cancelled_leave_no_lock_no_flight_no_waiter(
+@pytest.mark.asyncio
+async def test_10000_tasks_on_one_cold_key_all_cancelled_leave_no_lock_no_flight_no_waiter(
     configured: str, make_cache: Callable[..., Any], redis_client: redis.Redis
 ) -> None:
     entered = asyncio.Event()
@@ -256,18 +247,14 @@ def test_10000_tasks_on_one_cold_key_all_cancelled_leave_no_lock_no_flight_no_wa
         return "never"
 
     cache = make_cache(ttl="1m", resolver=resolver)
-
-    async def scenario() -> None:
-        calls = [asyncio.ensure_future(cache.aget("k")) for _ in range(10_000)]
-        await entered.wait()
-        await asyncio.sleep(0.01)
-        assert cache.stack.flights._flights["k"].followers == 9_999
-        for call in calls:
-            call.cancel()
-        results = await asyncio.gather(*calls, return_exceptions=True)
-        assert all(isinstance(r, asyncio.CancelledError) for r in results)
-
-    run(scenario())
+    calls = [asyncio.ensure_future(cache.aget("k")) for _ in range(10_000)]
+    await entered.wait()
+    await asyncio.sleep(0.01)
+    assert cache.stack.flights._flights["k"].followers == 9_999
+    for call in calls:
+        call.cancel()
+    results = await asyncio.gather(*calls, return_exceptions=True)
+    assert all(isinstance(r, asyncio.CancelledError) for r in results)
     assert cache.stack.flights._flights == {}
     assert not redis_client.exists(lock_key(cache, "k"))
     assert current_runtime().bus.waiters._events == {}
@@ -302,20 +289,17 @@ def test_an_async_resolver_on_the_sync_front_and_a_sync_one_on_the_async_front(
     assert loop_threads and loop_threads[0] != loop_thread[0]  # a worker thread, not the loop
 
 
-def test_sync_get_inside_a_running_loop_works_and_warns_once(
+@pytest.mark.asyncio
+async def test_sync_get_inside_a_running_loop_works_and_warns_once(
     configured: str, make_cache: Callable[..., Any]
 ) -> None:
     from oqron_cache.engine.stack import CacheStack
 
     CacheStack._warned_in_loop = False
     cache = make_cache(ttl="1m", resolver=lambda key: key)
-
-    async def scenario() -> list[Any]:
-        return [cache.get("a"), cache.get("b")]
-
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        assert run(scenario()) == ["a", "b"]
+        assert [cache.get("a"), cache.get("b")] == ["a", "b"]
     relevant = [w for w in caught if "aget" in str(w.message)]
     assert len(relevant) == 1 and relevant[0].category is RuntimeWarning
 
@@ -323,7 +307,8 @@ def test_sync_get_inside_a_running_loop_works_and_warns_once(
 # -- the decorator -------------------------------------------------------------------------
 
 
-def test_refreshing_cache_on_an_async_function(configured: str, clock: Any) -> None:
+@pytest.mark.asyncio
+async def test_refreshing_cache_on_an_async_function(configured: str, clock: Any) -> None:
     calls: list[str] = []
 
     @refreshing_cache(ttl="10s", stale_ttl="1m", clock=clock)
@@ -333,27 +318,24 @@ def test_refreshing_cache_on_an_async_function(configured: str, clock: Any) -> N
         return {"id": user_id, "n": len(calls)}
 
     try:
-
-        async def scenario() -> None:
-            assert await find_user("u1") == {"id": "u1", "n": 1}
-            assert await find_user("u1") == {"id": "u1", "n": 1}  # L1 hit
-            assert await find_user(user_id="u1") == {"id": "u1", "n": 1}  # the same call
-            await find_user.ainvalidate("u1")
-            assert await find_user("u1") == {"id": "u1", "n": 2}
-            assert await find_user.arefresh("u1") == {"id": "u1", "n": 3}
-            assert await find_user("u1") == {"id": "u1", "n": 3}
-            clock.tick(11)  # stale: served, refreshed by the dispatcher on its own loop
-            assert await find_user("u1") == {"id": "u1", "n": 3}
-
-        run(scenario())
+        assert await find_user("u1") == {"id": "u1", "n": 1}
+        assert await find_user("u1") == {"id": "u1", "n": 1}  # L1 hit
+        assert await find_user(user_id="u1") == {"id": "u1", "n": 1}  # the same call
+        await find_user.ainvalidate("u1")
+        assert await find_user("u1") == {"id": "u1", "n": 2}
+        assert await find_user.arefresh("u1") == {"id": "u1", "n": 3}
+        assert await find_user("u1") == {"id": "u1", "n": 3}
+        clock.tick(11)  # stale: served, refreshed by the dispatcher on its own loop
+        assert await find_user("u1") == {"id": "u1", "n": 3}
         assert current_runtime().dispatcher.join(10)
-        assert run(find_user("u1")) == {"id": "u1", "n": 4}
+        assert await find_user("u1") == {"id": "u1", "n": 4}
         assert calls == ["u1"] * 4
     finally:
         find_user.cache.close()
 
 
-def test_stampede_options_apply_to_the_async_front(
+@pytest.mark.asyncio
+async def test_stampede_options_apply_to_the_async_front(
     configured: str, make_cache: Callable[..., Any]
 ) -> None:
     """A lock holder in another process that never fills: the task waits at most lock_ttl
@@ -363,24 +345,20 @@ def test_stampede_options_apply_to_the_async_front(
     )
     l2 = cache.stack.l2
     assert l2.acquire("k", "someone-else", 30.0)
+    ticks = 0
 
-    async def scenario() -> tuple[Any, float]:
-        ticks = 0
+    async def ticker() -> None:
+        nonlocal ticks
+        while True:
+            await asyncio.sleep(0.01)
+            ticks += 1
 
-        async def ticker() -> None:
-            nonlocal ticks
-            while True:
-                await asyncio.sleep(0.01)
-                ticks += 1
-
-        beat = asyncio.ensure_future(ticker())
-        started = time.monotonic()
-        value = await cache.aget("k")
-        beat.cancel()
-        assert ticks >= 20  # the loop kept turning while the task waited
-        return value, time.monotonic() - started
-
-    value, waited = run(scenario())
+    beat = asyncio.ensure_future(ticker())
+    started = time.monotonic()
+    value = await cache.aget("k")
+    beat.cancel()
+    assert ticks >= 20  # the loop kept turning while the task waited
+    waited = time.monotonic() - started
     assert value == "mine" and 0.25 <= waited < 1.0
     assert cache.get_stats(local=True)["lock_timeouts"] == 1
 
@@ -409,7 +387,8 @@ def test_invalidations_run_on_the_loop_not_in_a_thread(
     assert cache.get("p:1") is None and cache.get("p:2") == {"tags": []}
 
 
-def test_write_through_on_the_async_front(
+@pytest.mark.asyncio
+async def test_write_through_on_the_async_front(
     configured: str, make_cache: Callable[..., Any]
 ) -> None:
     """P6 through aset: the origin is written first, the cache after it accepted; without
@@ -423,17 +402,13 @@ def test_write_through_on_the_async_front(
         origin[key] = value
 
     cache = make_cache(ttl="1m", resolver=origin.get, write_through=save)
-
-    async def scenario() -> None:
-        await cache.aset("k", {"v": 1})
-        assert origin == {"k": {"v": 1}}
-        cache.stack.l1.clear()
-        assert await cache.aget("k") == {"v": 1}  # from L2, written after the origin
-        with pytest.raises(ValueError, match="says no"):
-            await cache.aset("k", "refused")
-        assert await cache.aget("k") == {"v": 1} and origin["k"] == {"v": 1}
-
-    run(scenario())
+    await cache.aset("k", {"v": 1})
+    assert origin == {"k": {"v": 1}}
+    cache.stack.l1.clear()
+    assert await cache.aget("k") == {"v": 1}  # from L2, written after the origin
+    with pytest.raises(ValueError, match="says no"):
+        await cache.aset("k", "refused")
+    assert await cache.aget("k") == {"v": 1} and origin["k"] == {"v": 1}
 
 
 # -- P5: a load that began before a write or an invalidation never replaces it -----------------

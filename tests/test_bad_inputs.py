@@ -35,6 +35,7 @@ from oqron_cache import (
 from oqron_cache.config import mask_url, reset, validate_redis_url
 from oqron_cache.core.entry import unpack
 from oqron_cache.core.keys import printable
+from oqron_cache.redis.replies import as_int
 from tests.conftest import Closing, T
 
 # ---------------------------------------------------------------------------------------------
@@ -780,7 +781,7 @@ def test_row14_long_but_sane_ttl_reaches_redis(
     c = make_cache(ttl="3650d")
     c.set("k", 1)
     assert c.get_stats()["l2_errors"] == 0
-    assert cast(int, redis_client.pttl(c.stack.l2.keys.value("k"))) > 3649 * 86_400_000
+    assert as_int(redis_client.pttl(c.stack.l2.keys.value("k"))) > 3649 * 86_400_000
 
 
 @pytest.mark.parametrize(

@@ -21,6 +21,7 @@ from oqron_cache import MemoryTier, RedisTier, Stampede, refreshing_cache
 from oqron_cache.config import current_runtime, reset
 from oqron_cache.core.entry import Entry, new_version, pack, unpack
 from oqron_cache.core.errors import NotConfiguredError
+from oqron_cache.redis.replies import as_int
 from tests.conftest import Closing, FakeClock, T
 
 # ---------------------------------------------------------------------------------------------
@@ -200,7 +201,7 @@ def test_entry_in_redis_has_physical_ttl_of_ttl_plus_stale_ttl(
     assert c.get("k") == "k-v1"
     value_key = c.stack.l2.keys.value("k")
     assert value_key == f"oqron:{configured}:{{{c.name}:k}}:v"
-    pttl = cast(int, redis_client.pttl(value_key))
+    pttl = as_int(redis_client.pttl(value_key))
     assert 85_000 < pttl <= 90_000
     entry, value = envelope(redis_client, c, "k")
     assert value == "k-v1"
@@ -212,7 +213,7 @@ def test_entry_in_redis_has_physical_ttl_of_ttl_plus_stale_ttl(
 
     clock.tick(5)
     c.set("k", "set-value")
-    pttl = cast(int, redis_client.pttl(value_key))
+    pttl = as_int(redis_client.pttl(value_key))
     assert 85_000 < pttl <= 90_000
     entry, value = envelope(redis_client, c, "k")
     assert value == "set-value"
@@ -224,7 +225,7 @@ def test_entry_without_stale_window_expires_at_ttl(
 ) -> None:
     c = make_cache(ttl="2m")
     c.set("k", 1)
-    assert 115_000 < cast(int, redis_client.pttl(c.stack.l2.keys.value("k"))) <= 120_000
+    assert 115_000 < as_int(redis_client.pttl(c.stack.l2.keys.value("k"))) <= 120_000
 
 
 # ---------------------------------------------------------------------------------------------
@@ -265,7 +266,7 @@ def test_sliding_keeps_a_read_entry_fresh_in_l1_and_l2(
     assert entry.fresh_until > start + 150  # moved far past the first fill's start + 30
     assert entry.fresh_until <= clock.now + 30
     assert entry.stale_until - entry.fresh_until == 15
-    assert cast(int, redis_client.pttl(c.stack.l2.keys.value("k"))) > 40_000  # PEXPIRE slid too
+    assert as_int(redis_client.pttl(c.stack.l2.keys.value("k"))) > 40_000  # PEXPIRE slid too
 
     clock.tick(46)  # unread for longer than ttl + stale_ttl: a cold miss again
     assert c.get("k") == "k-v2"

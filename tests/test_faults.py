@@ -16,7 +16,7 @@ import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 from urllib.parse import quote
 
 import pytest
@@ -25,6 +25,7 @@ import oqron_cache
 from oqron_cache import ConfigurationError, MemoryTier, RedisTier, Stampede
 from oqron_cache.config import current_runtime, reset
 from oqron_cache.core.entry import FORMAT
+from oqron_cache.redis.replies import as_list
 from tests.redis_server import RedisServer, free_port
 
 OP_TIMEOUT = 0.1
@@ -400,7 +401,7 @@ def test_acl_user_runs_the_full_cycle(
         assert runtime.bus.healthy
         users = {
             c["user"]
-            for c in cast("list[dict[str, str]]", private_redis.client().client_list())
+            for c in as_list(private_redis.client().client_list())
             if c["name"] == "oqron-cache"
         }
         assert users == {"oq"}

@@ -7,7 +7,6 @@ keep answering (P1) and then write to the promoted replica.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import re
@@ -17,7 +16,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import pytest
 import redis
@@ -27,6 +26,7 @@ from oqron_cache import MemoryTier, RedisTier
 from oqron_cache.config import current_runtime, mask_url, validate_redis_url
 from oqron_cache.core.errors import ConfigurationError
 from oqron_cache.redis.clients import SentinelTarget, celery_broker, parse_sentinel_url
+from oqron_cache.redis.replies import as_dict
 from tests.redis_server import RedisServer, SentinelServer
 from tests.worker_process import WorkerProcess, web_app
 
@@ -117,7 +117,7 @@ class Sentinelled:
 
 
 def _role(client: redis.Redis) -> dict[str, Any]:
-    return cast("dict[str, Any]", client.info("replication"))
+    return as_dict(client.info("replication"))
 
 
 def _wait(done: Any, what: str, timeout: float = 20.0) -> None:
@@ -167,28 +167,25 @@ def test_a_cache_on_a_sentinel_url_uses_the_master_it_names(sentinelled: Sentine
     _wait(lambda: runtime.bus.healthy, "the bus")
 
 
-def test_the_async_front_on_a_sentinel_url_reads_and_writes_the_master(
+@pytest.mark.asyncio
+async def test_the_async_front_on_a_sentinel_url_reads_and_writes_the_master(
     sentinelled: Sentinelled,
 ) -> None:
     oqron_cache.configure(redis_url=sentinelled.url, namespace="sentinel-async")
     calls: list[str] = []
     cache = _cache(calls)
     master = sentinelled.master.client()
-
-    async def scenario() -> None:
-        assert await cache.aget("a") == {"key": "a", "n": 1}
-        await cache.aset("b", {"key": "b", "n": 0})
-        for key in ("a", "b"):
-            assert master.exists(cache.stack.l2.keys.value(key)) == 1
-        cache.stack.l1.clear()
-        assert await cache.aget_many(["a", "b"]) == {
-            "a": {"key": "a", "n": 1},
-            "b": {"key": "b", "n": 0},
-        }  # from L2, through redis.asyncio's sentinel client
-        await cache.adelete("a")
-        assert await cache.aget("a") == {"key": "a", "n": 2}  # deleted on the master: reloaded
-
-    asyncio.run(scenario())
+    assert await cache.aget("a") == {"key": "a", "n": 1}
+    await cache.aset("b", {"key": "b", "n": 0})
+    for key in ("a", "b"):
+        assert master.exists(cache.stack.l2.keys.value(key)) == 1
+    cache.stack.l1.clear()
+    assert await cache.aget_many(["a", "b"]) == {
+        "a": {"key": "a", "n": 1},
+        "b": {"key": "b", "n": 0},
+    }  # from L2, through redis.asyncio's sentinel client
+    await cache.adelete("a")
+    assert await cache.aget("a") == {"key": "a", "n": 2}  # deleted on the master: reloaded
     assert calls == ["a", "a"]
     assert cache.get_stats(local=True)["l2_errors"] == 0
 
@@ -314,7 +311,7 @@ def test_a_standalone_worker_on_a_sentinel_url_refreshes_through_its_default_bro
 
 
 def _calls(client: redis.Redis, command: str) -> int:
-    stats = cast("dict[str, Any]", client.info("commandstats"))
+    stats = as_dict(client.info("commandstats"))
     return int(stats.get(f"cmdstat_{command}", {}).get("calls", 0))
 
 

@@ -21,6 +21,7 @@ import redis
 import oqron_cache
 from oqron_cache import MemoryTier, RedisTier, Stampede
 from oqron_cache.core.entry import unpack
+from oqron_cache.redis.replies import as_int
 from tests.procs import Child, worker_args
 
 THREADS = 64
@@ -246,7 +247,7 @@ def test_killed_lock_holder_delays_waiters_by_at_most_lock_ttl(
         )
         lock_key = cache.stack.l2.keys.lock(key)
         t_read = time.monotonic()
-        pttl = int(cast(int, redis_client.pttl(lock_key)))
+        pttl = as_int(redis_client.pttl(lock_key))
         assert pttl > 300, f"the holder's lock should still be held, PTTL={pttl}"
         results: list[Any] = [None] * 8
         done_at = [0.0] * 8

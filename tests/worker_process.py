@@ -16,6 +16,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Sequence
@@ -73,6 +74,11 @@ class WorkerProcess:
         }
         if broker is None:
             del env["OQRON_BROKER_URL"]
+        if threading.current_thread() is not threading.main_thread():
+            # PR_SET_PDEATHSIG fires when the *thread* that started the child exits, not the
+            # process: a worker started from asyncio.to_thread dies with the executor thread
+            # at the end of the test's loop, and every later test finds no worker.
+            raise RuntimeError("start WorkerProcess from the main thread (PR_SET_PDEATHSIG)")
         with self.log_path.open("wb") as log:
             self.proc = subprocess.Popen(
                 [

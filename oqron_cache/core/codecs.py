@@ -101,15 +101,17 @@ class JsonCodec:
         _check(value, origin, self.name, int_keys=False, allow_bytes=False)
         try:
             return _fast_json_encode(value)  # what the walk let through, msgspec writes as is
-        except UnicodeEncodeError:
+        except (UnicodeEncodeError, OverflowError):
             # surrogatepass: a str with a lone surrogate is a valid Python str and must
-            # round-trip; msgspec refuses it, the stdlib writes it.
+            # round-trip; msgspec refuses it (and, in old releases, ints past 64 bits), the
+            # stdlib writes both.
             return self._encoder.encode(value).encode("utf-8", "surrogatepass")
 
     def decode(self, data: bytes | memoryview) -> Any:
         try:
             return _fast_json(data)  # msgspec: the same values as json.loads, 4x faster
-        except ValueError:  # lone surrogates (not UTF-8), or not JSON at all
+        except (ValueError, msgspec.DecodeError):  # lone surrogates (not UTF-8), not JSON at
+            # all (msgspec's DecodeError is a ValueError only from 0.19 on)
             return json.loads(bytes(data).decode("utf-8", "surrogatepass"))
 
     def read(self, codec_id: int, data: bytes | memoryview) -> Any:

@@ -44,6 +44,7 @@ from .. import __version__
 from ..config import mask_url
 from ..core.errors import OqronCacheError
 from ..core.keys import stats_key
+from ..redis.replies import as_int
 from .console import Printer, quiet_logging
 from .helpers import DemoError, Helper, child_main
 from .participant import (
@@ -298,10 +299,10 @@ def _delete_keys(url: str, patterns: list[str]) -> int | None:
                 for key in client.scan_iter(match=pattern, count=500):
                     batch.append(key)
                     if len(batch) >= 500:
-                        removed += int(client.unlink(*batch))  # type: ignore[arg-type]
+                        removed += as_int(client.unlink(*batch))
                         batch.clear()
                 if batch:
-                    removed += int(client.unlink(*batch))  # type: ignore[arg-type]
+                    removed += as_int(client.unlink(*batch))
         finally:
             client.close()
     except redis.RedisError as exc:

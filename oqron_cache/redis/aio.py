@@ -149,7 +149,7 @@ class AsyncRedisConn:
         """Close the client, its pool (which a client given a pool does not close) and, behind
         a Sentinel URL, the clients of the sentinels."""
         with contextlib.suppress(Exception):  # best effort
-            await self.client.aclose()
+            await _aclose(self.client)
         pool = getattr(self.client, "connection_pool", None)
         if pool is not None:
             with contextlib.suppress(Exception):
@@ -157,8 +157,14 @@ class AsyncRedisConn:
             manager = getattr(pool, "sentinel_manager", None)
             for sentinel in getattr(manager, "sentinels", ()):
                 with contextlib.suppress(Exception):
-                    await sentinel.aclose()
+                    await _aclose(sentinel)
                     await sentinel.connection_pool.disconnect()
+
+
+async def _aclose(client: Any) -> None:
+    """``await client.aclose()``; redis-py 5.0.0 has only ``close()`` (``aclose`` is 5.0.1's)."""
+    closer = getattr(client, "aclose", None) or client.close
+    await closer()
 
 
 class AsyncRedisStore:

@@ -113,7 +113,8 @@ def refresh_layout(client: object) -> None:
         client = client.made
     if isinstance(client, RedisCluster):
         with contextlib.suppress(RedisClusterException, redis.RedisError, OSError):
-            client.nodes_manager.initialize()  # type: ignore[no-untyped-call]
+            nodes: Any = client.nodes_manager  # untyped before redis-py 7, typed after
+            nodes.initialize()
 
 
 def connect_cluster(target: ClusterTarget, options: dict[str, Any], retries: int) -> redis.Redis:

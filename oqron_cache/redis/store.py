@@ -29,6 +29,7 @@ from ..core.entry import FLAG_TOMBSTONE
 from ..core.keys import KeySpace
 from . import scripts
 from .cluster import is_cluster_client
+from .replies import as_int, as_list
 
 log = logging.getLogger("oqron_cache.redis")
 T = TypeVar("T")
@@ -358,7 +359,7 @@ class RedisStore:
 
     def now_us(self) -> int:
         """Redis's clock, in µs."""
-        seconds, micros = cast("tuple[int, int]", self.conn.run(self.conn.client.time))
+        seconds, micros = as_list(self.conn.run(self.conn.client.time))
         return int(seconds) * 1_000_000 + int(micros)
 
     def release(self, key: str, token: str) -> bool:
@@ -489,7 +490,7 @@ class RedisStore:
                 return cast("list[int]", pipe.execute())
 
             return sum(self.conn.run(each))
-        return cast(int, self.conn.run(self.conn.client.unlink, *keys))
+        return as_int(self.conn.run(self.conn.client.unlink, *keys))
 
     def publish(self, message: bytes) -> None:
         """Send ``message`` on the bus channel."""

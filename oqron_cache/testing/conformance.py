@@ -20,6 +20,7 @@ from ..core.codecs import get_codec
 from ..core.entry import NO_VERSION, Entry, new_version, pack, unpack
 from ..engine.l1 import L1Item
 from ..engine.tiers import L1Store, L2Store
+from ..redis.replies import as_int
 
 __all__ = ["L1StoreContract", "L2StoreContract"]
 
@@ -221,7 +222,7 @@ class L2StoreContract:
         return store.conn.client
 
     def _pttl(self, store: L2Store, key: str) -> int:
-        return cast(int, self.client_for(store).pttl(store.keys.value(key)))
+        return as_int(self.client_for(store).pttl(store.keys.value(key)))
 
     def _lock_left(self, store: L2Store, key: str) -> float:
         """Seconds left on ``key``'s lock, as a loser of :meth:`L2Store.acquire_or_read` sees."""

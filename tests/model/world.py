@@ -31,6 +31,7 @@ from oqron_cache.core.codecs import get_codec
 from oqron_cache.core.entry import unpack
 from oqron_cache.core.keys import KeySpace
 from oqron_cache.redis.bus import encode_message
+from oqron_cache.redis.replies import as_int
 from oqron_cache.redis.store import L2Unavailable
 from tests.model.oracle import (
     CACHES,
@@ -222,7 +223,7 @@ class RedisView:
             if not (name.endswith("}:l") or name.endswith("}:wl")):
                 continue
             token = self.client.get(raw)
-            pttl = cast(int, self.client.pttl(raw))
+            pttl = as_int(self.client.pttl(raw))
             if token is None:
                 continue  # expired between the scan and the read
             text = cast(bytes, token).decode()
@@ -258,4 +259,4 @@ class RedisView:
 
     def kill_bus(self) -> int:
         """``CLIENT KILL TYPE pubsub``: every process's bus connection drops."""
-        return cast(int, self.client.client_kill_filter(_type="pubsub"))
+        return as_int(self.client.client_kill_filter(_type="pubsub"))

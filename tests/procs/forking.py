@@ -30,6 +30,7 @@ from typing import Any
 
 import redis
 
+from oqron_cache.redis.replies import as_list
 from tests.procs import ROOT
 from tests.redis_server import free_port
 
@@ -50,7 +51,7 @@ class Origin:
     def runs(self) -> list[tuple[int, str]]:
         """Every run so far, oldest first: ``(pid, key)``."""
         out = []
-        for item in self.client.lrange(self.log, 0, -1):  # type: ignore[union-attr]
+        for item in as_list(self.client.lrange(self.log, 0, -1)):
             pid, key = item.decode().split(" ", 1)
             out.append((int(pid), key))
         return out

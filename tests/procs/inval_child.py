@@ -51,12 +51,13 @@ import threading
 import time
 import traceback
 from collections.abc import Callable
-from typing import Any, cast
+from typing import Any
 
 import redis
 
 import oqron_cache
 from oqron_cache import MemoryTier, RedisTier, Stampede
+from oqron_cache.redis.replies import as_int
 
 BLOCK_LIMIT = 30.0  # a blocked resolver gives up after this long (a test that forgot the flag)
 
@@ -90,7 +91,7 @@ def make_resolver(
     flag_key = control_key(namespace, cache, "flag")
 
     def resolver(key: str) -> dict[str, Any]:
-        n = int(cast(int, raw.incr(gen_key)))
+        n = as_int(raw.incr(gen_key))
         if raw.get(flag_key) == b"block":
             if on_start is not None:
                 on_start(key, n)

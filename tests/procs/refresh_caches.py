@@ -35,6 +35,7 @@ import redis
 import oqron_cache
 from oqron_cache import MemoryTier, RedisTier, Stampede
 from oqron_cache.redis.clients import connect
+from oqron_cache.redis.replies import as_int
 
 SWR = "wt_swr"  # lock 5 s: the headline, broker faults, a set racing a refresh
 CRASH = "wt_crash"  # lock 2 s: a worker killed mid-refresh
@@ -83,7 +84,7 @@ def _resolve(cache: str, key: str) -> dict[str, Any]:
         return control_key(settings.namespace, cache, key, part)
 
     started = time.monotonic()
-    n = int(cast(int, raw.incr(ctl("calls"))))
+    n = as_int(raw.incr(ctl("calls")))
     raw.set(ctl("where"), json.dumps({"pid": os.getpid(), "ppid": os.getppid(), "n": n}))
     flag = (cast("bytes | None", raw.get(ctl("flag"))) or b"").decode()
     if flag == "block":

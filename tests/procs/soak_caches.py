@@ -32,6 +32,7 @@ import redis
 import oqron_cache
 from bench.history import Recorder, make_value
 from oqron_cache import MemoryTier, RedisTier, Stampede
+from oqron_cache.redis.replies import as_int
 
 SWR = "soak_swr"
 WT = "soak_wt"
@@ -113,11 +114,11 @@ class Origin:
 
     def bump(self, cache: str, key: str) -> int:
         """Write a new version to the origin and return it (a ``soak_swr`` write)."""
-        return int(cast(int, self._client()[0].hincrby(self._hash(cache), key, 1)))
+        return as_int(self._client()[0].hincrby(self._hash(cache), key, 1))
 
     def next_seq(self, cache: str, key: str) -> int:
         """The next number of the key's write sequence (a ``soak_wt`` write's version)."""
-        return int(cast(int, self._client()[0].hincrby(self._hash(cache, ":seq"), key, 1)))
+        return as_int(self._client()[0].hincrby(self._hash(cache, ":seq"), key, 1))
 
     def store_max(self, cache: str, key: str, version: int) -> int:
         """Write ``version`` unless the origin holds a newer one; return what it holds."""

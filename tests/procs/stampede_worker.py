@@ -40,6 +40,7 @@ import redis
 
 import oqron_cache
 from oqron_cache import MemoryTier, RedisTier, Stampede
+from oqron_cache.redis.replies import as_int
 
 
 def emit(event: str, **fields: Any) -> None:
@@ -68,7 +69,7 @@ def _watchdog(lifetime: float, watch_stdin: bool) -> None:
 
 def _stampede(args: argparse.Namespace, raw: redis.Redis) -> None:
     def resolver(key: str) -> dict[str, Any]:
-        n = int(cast(int, raw.incr(args.counter)))
+        n = as_int(raw.incr(args.counter))
         # Hold the load until every process has started calling, so they really contend.
         deadline = time.monotonic() + 10
         while (

@@ -48,6 +48,7 @@ import redis
 import oqron_cache
 from oqron_cache import MemoryTier, RedisTier
 from oqron_cache.celery.write_through import current_write_version
+from oqron_cache.redis.replies import as_int
 
 MAIN = "wtc_main"  # every test of the chain
 BLOCK_LIMIT = 60.0
@@ -97,7 +98,7 @@ def _block(client: redis.Redis, namespace: str, key: str, mode: str) -> None:
 def origin_write(key: str, value: Any) -> None:
     """The write-through function: the origin accepts (or refuses) ``value`` for ``key``."""
     client, namespace = _context()
-    attempt = int(cast(int, client.hincrby(test_key(namespace, "attempts"), key, 1)))
+    attempt = as_int(client.hincrby(test_key(namespace, "attempts"), key, 1))
     flag = (cast("bytes | None", client.hget(test_key(namespace, "flags"), key)) or b"").decode()
     if flag == "reject":
         raise OriginRejected(f"origin refuses {key} (attempt {attempt})")
