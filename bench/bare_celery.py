@@ -41,7 +41,7 @@ class BareRefresh:
         self.copies: dict[str, Any] = {}
         self._asked: set[str] = set()
         self._keys: queue.SimpleQueue[str | None] = queue.SimpleQueue()
-        self._pubsub = self.client.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call]
+        self._pubsub = self.client.pubsub(ignore_subscribe_messages=True)
         self._pubsub.subscribe(bare_names(namespace, "")[2])
         self._pubsub.get_message(timeout=5.0)  # the subscription is confirmed before any round
         self._stop = threading.Event()

@@ -162,7 +162,7 @@ def make_cache(ns: str) -> Iterator[Callable[..., Any]]:
 
 
 def node_of(raw: RedisCluster, key: str) -> str:
-    return cast(str, raw.get_node_from_key(key).name)  # type: ignore[no-untyped-call]
+    return cast(str, raw.get_node_from_key(key).name)
 
 
 def on_nodes(raw: RedisCluster, cache: Any, keys: list[str]) -> dict[str, int]:
@@ -170,7 +170,7 @@ def on_nodes(raw: RedisCluster, cache: Any, keys: list[str]) -> dict[str, int]:
     space = cache.stack.l2.keys
     wanted = {space.value(k).encode() for k in keys}
     held: dict[str, int] = {}
-    for node in raw.get_primaries():  # type: ignore[no-untyped-call]
+    for node in raw.get_primaries():
         client = raw.get_redis_connection(node)  # this node only: no redirection
         found = set(client.scan_iter(match=glob_literal(space.prefix) + "*", count=1000))
         here = sum(
@@ -289,7 +289,7 @@ def test_connect_makes_a_cluster_client_with_explicit_timeouts(url: str) -> None
         assert client.ping()
         retry: Any = client.retry  # get_retries() is redis-py 5.1's; 5.0 keeps _retries
         assert (retry.get_retries() if hasattr(retry, "get_retries") else retry._retries) == 1
-        node = client.get_primaries()[0]  # type: ignore[no-untyped-call]
+        node = client.get_primaries()[0]
         kwargs = client.get_redis_connection(node).connection_pool.connection_kwargs
         assert (kwargs["socket_timeout"], kwargs["socket_connect_timeout"]) == (0.3, 0.2)
         assert kwargs["client_name"] == "oqron-t"

@@ -158,7 +158,7 @@ def test_while_the_bus_is_down_reads_come_from_l2_and_l1_is_not_written(
     # The listener may not SUBSCRIBE any more (PUBLISH, GET, SET and scripts still work):
     # the bus stays down while L2 is up.
     # redis-py leaves execute_command unannotated.
-    admin.execute_command("ACL", "SETUSER", "default", "-subscribe")  # type: ignore[no-untyped-call]
+    admin.execute_command("ACL", "SETUSER", "default", "-subscribe")
     try:
         assert admin.client_kill_filter(_type="pubsub") == 1
         wait_until(lambda: not bus.healthy and len(l1) == 0, 2.0, "the bus to be lost")
@@ -176,7 +176,7 @@ def test_while_the_bus_is_down_reads_come_from_l2_and_l1_is_not_written(
         assert not bus.healthy
     finally:
         # redis-py leaves execute_command unannotated.
-        admin.execute_command("ACL", "SETUSER", "default", "+subscribe")  # type: ignore[no-untyped-call]
+        admin.execute_command("ACL", "SETUSER", "default", "+subscribe")
     wait_until(lambda: bus.healthy, 5.0, "the bus to resubscribe")
     assert cache.get("a") == "A"
     assert l1.get("a") is not None  # L1 is written again

@@ -381,7 +381,7 @@ WRONG_PASSWORD = "Wr0ng-Staple-Secret"  # noqa: S105
 
 def make_acl_user(private_redis: RedisServer) -> None:
     # redis-py leaves execute_command unannotated.
-    private_redis.client().execute_command(  # type: ignore[no-untyped-call]
+    private_redis.client().execute_command(
         "ACL", "SETUSER", "oq", "reset", "on", f">{ACL_PASSWORD}",
         "~oqron:*", "&oqron:*",
         "+@read", "+@write", "+@scripting", "+@pubsub", "+ping", "+client", "+time",

@@ -382,7 +382,7 @@ def test_invalidating_a_tag_of_20000_entries_does_not_block_redis(
 
         admin.config_set("latency-monitor-threshold", 1)  # ms; a private server only
         # redis-py leaves execute_command unannotated.
-        admin.execute_command("LATENCY", "RESET")  # type: ignore[no-untyped-call]
+        admin.execute_command("LATENCY", "RESET")
         pinger = InvalChild(["--url", private_redis.url, "--ping"], tmp_path / "ping.log")
         try:
             pinger.expect("ready", timeout=30)
@@ -399,7 +399,7 @@ def test_invalidating_a_tag_of_20000_entries_does_not_block_redis(
         finally:
             pinger.close()
         # redis-py leaves execute_command unannotated.
-        latest = admin.execute_command("LATENCY", "LATEST")  # type: ignore[no-untyped-call]
+        latest = admin.execute_command("LATENCY", "LATEST")
         worst_command_ms = max((int(event[3]) for event in latest), default=0)
 
         assert removed == BIG

@@ -107,7 +107,7 @@ class Sentinelled:
         _wait(lambda: _role(replica)["master_link_status"] == "up", "replica sync")
         admin = self.sentinel.client()
         _wait(
-            lambda: len(admin.execute_command("SENTINEL", "REPLICAS", self.sentinel.service)) == 1,  # type: ignore[no-untyped-call]
+            lambda: len(admin.execute_command("SENTINEL", "REPLICAS", self.sentinel.service)) == 1,
             "the sentinel to find the replica",
         )
 

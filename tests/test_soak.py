@@ -48,7 +48,7 @@ def test_the_proxy_forwards_and_injects_latency_stalls_and_resets(
         assert client.ping()
         assert time.monotonic() - started < 0.2
         assert proxy.drop() == 1
-        pubsub = client.pubsub()  # type: ignore[no-untyped-call]
+        pubsub = client.pubsub()
         pubsub.subscribe("ch")
         assert pubsub.get_message(timeout=1.0) is not None  # subscribed, through the proxy
         assert proxy.drop() >= 1

@@ -81,7 +81,7 @@ def connect_async(
         return aredis.Redis(connection_pool=pool)
     sentinel_target = parse_sentinel_url(url)
     sentinel_options = sentinel_kwargs(sentinel_target, socket_timeout, connect_timeout)
-    sentinel = AsyncSentinel(list(sentinel_target.sentinels), sentinel_kwargs=sentinel_options)  # type: ignore[no-untyped-call]
+    sentinel = AsyncSentinel(list(sentinel_target.sentinels), sentinel_kwargs=sentinel_options)
     return sentinel.master_for(
         sentinel_target.service,
         db=sentinel_target.db,

@@ -172,7 +172,7 @@ class Bus:
         while not self._stop.is_set():
             pubsub: Any = None
             try:
-                pubsub = self.client.pubsub()  # type: ignore[no-untyped-call]
+                pubsub = self.client.pubsub()
                 pubsub.subscribe(self.channel)
                 self._listen(pubsub)
                 backoff = 0.05

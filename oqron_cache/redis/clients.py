@@ -94,8 +94,8 @@ def connect(
         return redis.Redis.from_url(url, **options)
     target = parse_sentinel_url(url)
     sentinel_options = sentinel_kwargs(target, socket_timeout, connect_timeout)
-    sentinel = Sentinel(list(target.sentinels), sentinel_kwargs=sentinel_options)  # type: ignore[no-untyped-call]
-    client: redis.Redis = sentinel.master_for(  # type: ignore[no-untyped-call]
+    sentinel = Sentinel(list(target.sentinels), sentinel_kwargs=sentinel_options)
+    client: redis.Redis = sentinel.master_for(
         target.service,
         db=target.db,
         username=target.username,

@@ -48,7 +48,7 @@ class PendingCluster:
 
     def get_encoder(self) -> Encoder:
         """The encoder scripts hash their text with (the cluster client's default one)."""
-        return Encoder("utf-8", "strict", False)  # type: ignore[no-untyped-call]
+        return Encoder("utf-8", "strict", False)
 
     def register_script(self, script: str) -> Script:
         """A script run through this stand-in (so through the client once it is made)."""
@@ -128,7 +128,7 @@ def connect_cluster(target: ClusterTarget, options: dict[str, Any], retries: int
 
     def make() -> RedisCluster:
         return RedisCluster(
-            startup_nodes=[ClusterNode(h, p) for h, p in target.nodes],  # type: ignore[no-untyped-call]
+            startup_nodes=[ClusterNode(h, p) for h, p in target.nodes],
             retry=Retry(NoBackoff(), retries),
             # A slot whose node is down must fail alone (P1 degrades its entries), not the client.
             require_full_coverage=False,

@@ -179,7 +179,7 @@ class RedisConn:
         if not self.cluster:
             return [self.client]
         cluster = cast("RedisCluster", self.client)
-        return [cluster.get_redis_connection(node) for node in cluster.get_primaries()]  # type: ignore[no-untyped-call]
+        return [cluster.get_redis_connection(node) for node in cluster.get_primaries()]
 
     def run_each(self, script: Script, calls: list[tuple[list[str], list[Any]]]) -> list[Any]:
         """``script`` once per ``(keys, args)``, pipelined; the replies in order.
@@ -197,7 +197,7 @@ class RedisConn:
         cluster = cast("RedisCluster", self.client)
         groups: dict[str, tuple[Any, list[int]]] = {}
         for i, (keys, _args) in enumerate(calls):
-            node = cluster.get_node_from_key(keys[0])  # type: ignore[no-untyped-call]
+            node = cluster.get_node_from_key(keys[0])
             groups.setdefault(node.name, (node, []))[1].append(i)
         replies: list[Any] = [None] * len(calls)
         for node, indexes in groups.values():

@@ -368,7 +368,7 @@ class L2StoreContract:
         assert abs(at_us / 1e6 - time.time()) < 60  # µs since the epoch, not ms or s
 
     def test_writes_are_announced_on_the_channel(self, store: L2Store) -> None:
-        pubsub = self.client_for(store).pubsub()  # type: ignore[no-untyped-call]
+        pubsub = self.client_for(store).pubsub()
         try:
             pubsub.subscribe(store.channel)
             assert _subscribed(pubsub)
