@@ -1024,3 +1024,36 @@ def test_partial_or_callable_object_can_be_decorated(
         assert f.cache.name.startswith("core-callable-" if explicit else __name__)
     finally:
         f.cache.close()
+
+
+def test_the_one_str_argument_fast_path_uses_the_key_every_other_path_uses(
+    configured: str,
+) -> None:
+    """``f("id")`` builds its key inline (and remembers it); it must be the key of
+    ``f(user_id="id")``, of ``key_for`` and of the workers' refreshes, past the memo's bound
+    too."""
+    from oqron_cache import refreshing_cache
+    from oqron_cache.core.call_keys import encode_call_ex
+    from oqron_cache.decorator import MEMO_SIZE, callable_name
+
+    calls: list[str] = []
+
+    @refreshing_cache(ttl="1m", name="fast-path-keys")
+    def profile(user_id: str) -> str:
+        calls.append(user_id)
+        return f"p:{user_id}"
+
+    try:
+        for n in range(MEMO_SIZE + 10):  # past the memo's bound: it starts over, still right
+            arg = f"u{n}"
+            assert profile(arg) == f"p:{arg}"
+        assert profile("u3") == profile(user_id="u3") == "p:u3"
+        assert calls.count("u3") == 1  # one entry for both call shapes
+        qualname = callable_name(profile.original)
+        expected = encode_call_ex(qualname, ("user_id",), ("é:x",), {})[0]
+        assert profile.key_for("é:x") == expected
+        profile("é:x")
+        l1 = profile.cache.stack.l1
+        assert l1 is not None and l1.get(expected) is not None
+    finally:
+        profile.cache.close()

@@ -184,3 +184,17 @@ def test_a_read_after_a_delete_does_not_join_a_load_that_began_before_it(
     first.join(STEP)
     assert out1 == [1]  # began before the delete: it may return what it loaded
     assert out2 == [2], "a read that began after the delete got the value loaded before it"
+
+
+def test_an_l1_hit_marks_the_key_used_so_eviction_takes_the_least_recently_read(
+    make_cache: Any,
+) -> None:
+    """P9 with LRU order: the lock-free hit path (MemoryStore.unlocked) still marks use."""
+    cache = make_cache(tiers=[MemoryTier(max_size=2, ttl="1m")])
+    cache.set("a", 1)
+    cache.set("b", 2)
+    assert cache.stack.l1.unlocked() is not None  # the fast path is the one under test
+    assert cache.get("a") == 1  # a hit: "a" is now the most recently used
+    cache.set("c", 3)  # evicts the least recently used: "b"
+    assert (cache.get("a"), cache.get("b"), cache.get("c")) == (1, None, 3)
+    assert cache.get_stats(local=True)["evictions"] == 1

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 import threading
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
@@ -112,6 +113,22 @@ class MemoryStore:
         self._all = 0
         self._gen = [0] * BUCKETS
         self._writing = [0] * BUCKETS  # writes of this process in flight, per bucket
+
+    def unlocked(self) -> tuple[dict[str, L1Item], Callable[[str], None]] | None:
+        """The read path's lock-free hit: the LRU's own dict and its "mark as used" call.
+
+        Both are C-level operations (a ``dict.get`` and ``OrderedDict.move_to_end``), each
+        atomic under the GIL, so a hit needs neither this store's lock nor cachetools' Python
+        methods: a concurrent put or eviction makes the lookup see the copy before or after
+        it, and ``move_to_end`` of a key evicted meanwhile raises ``KeyError`` (ignored). Every
+        write still holds the lock. ``None`` if cachetools' internals are not the ones known
+        here (then hits take the locked path).
+        """
+        raw = getattr(self._data, "_Cache__data", None)
+        order = getattr(self._data, "_LRUCache__order", None)
+        if type(raw) is not dict or not isinstance(order, OrderedDict):
+            return None
+        return raw, order.move_to_end
 
     # -- guarded puts (see the module docstring)
 

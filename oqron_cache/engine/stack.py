@@ -82,6 +82,10 @@ class _Pending:
         self.args = args
 
 
+def _no_touch(key: str) -> None:
+    """The stores without lock-free hits mark use in their own lookup."""
+
+
 def _in_loop() -> bool:
     """Is an event loop running in this thread (sync code called from async code)?"""
     return asyncio._get_running_loop() is not None
@@ -125,6 +129,11 @@ class CacheStack:
         self._stale_fast = stats.stale_fast
         self._l1_data = l1.data if l1 is not None else None
         self._l1_lock = l1.lock if l1 is not None else None
+        # A store that offers lock-free hits (MemoryStore.unlocked) gets them.
+        unlocked = getattr(l1, "unlocked", None)
+        fast = unlocked() if unlocked is not None else None
+        self._l1_raw: dict[str, L1Item] | None = fast[0] if fast is not None else None
+        self._l1_touch: Callable[[str], None] = fast[1] if fast is not None else _no_touch
         self.owner: Any = None  # the Cache this stack serves (set by Runtime.bind)
         self._swr = opts.stampede.stale_while_revalidate
         self._sliding = opts.strategy == "sliding"
@@ -150,49 +159,58 @@ class CacheStack:
         ``below`` (the sync front's :meth:`_read_below` by default; :meth:`aget` passes one that
         hands the steps to the async driver instead).
         """
-        # The hot path (a fresh L1 hit): one counter, one locked dict lookup, one clock read.
-        # The lookup is MemoryStore.get inlined (a call costs as much as the rest).
+        # The hot path (a fresh L1 hit): one counter, one dict lookup, one clock read. The
+        # lookup is MemoryStore.get inlined (a call costs as much as the rest), lock-free when
+        # the store offers it (MemoryStore.unlocked), else under the store's lock.
         sample = not (next(self._gets) % LATENCY_SAMPLE)
         started = time.perf_counter() if sample else 0.0
         item = None
-        if self._l1_data is not None:
+        raw = self._l1_raw
+        if raw is not None:
+            item = raw.get(key)
+            if item is not None:
+                try:  # noqa: SIM105 - contextlib.suppress would cost more than the hit
+                    self._l1_touch(key)  # recently used
+                except KeyError:  # evicted since the lookup: serve the copy read
+                    pass
+        elif self._l1_data is not None:
             with self._l1_lock:  # type: ignore[union-attr]
                 try:
                     item = self._l1_data[key]
                 except KeyError:
                     item = None
-            if item is not None:
-                now = self.clock()
-                if now < item.fresh_until and now < item.l1_until:
-                    if now >= item.early_from:
-                        self._maybe_early(
-                            key, item.fresh_until, item.early_from, item.delta, item.version, now
-                        )
-                    if self._sliding:
-                        item.fresh_until = now + self.opts.ttl
-                        item.stale_until = item.fresh_until + self.opts.stale_ttl
-                        if self.l2 is None:  # L1 is the last tier: its copy's bound slides too
-                            item.l1_until = item.fresh_until
-                    if sample:
-                        self.stats.observe("memory", time.perf_counter() - started)
-                    return item.value
-                if (
-                    item.fresh_until <= now < item.stale_until
-                    and resolver is self._swr_resolver is not None
-                ):
-                    # Stale, within stale_ttl, refreshable in the background: serve it now and
-                    # make sure a refresh is requested (the rule of entry.decide, inlined).
-                    # At most once per lock_ttl (real time, as the key's Redis lock) per copy.
-                    mono = time.monotonic()
-                    if mono >= item.refresh_after and self._post is not None:
-                        if self._queued() < self._max_queued:
-                            # Before the put: the drainer may set it nearer (see retry_after).
-                            item.refresh_after = mono + self._lock_ttl
-                            self._post((self, key, item.version, False, False))
-                        else:
-                            self.stats.incr("refreshes_dropped")
-                    next(self._stale_fast)
-                    return item.value
+        if item is not None:
+            now = self.clock()
+            if now < item.fresh_until and now < item.l1_until:
+                if now >= item.early_from:
+                    self._maybe_early(
+                        key, item.fresh_until, item.early_from, item.delta, item.version, now
+                    )
+                if self._sliding:
+                    item.fresh_until = now + self.opts.ttl
+                    item.stale_until = item.fresh_until + self.opts.stale_ttl
+                    if self.l2 is None:  # L1 is the last tier: its copy's bound slides too
+                        item.l1_until = item.fresh_until
+                if sample:
+                    self.stats.observe("memory", time.perf_counter() - started)
+                return item.value
+            if (
+                item.fresh_until <= now < item.stale_until
+                and resolver is self._swr_resolver is not None
+            ):
+                # Stale, within stale_ttl, refreshable in the background: serve it now and
+                # make sure a refresh is requested (the rule of entry.decide, inlined).
+                # At most once per lock_ttl (real time, as the key's Redis lock) per copy.
+                mono = time.monotonic()
+                if mono >= item.refresh_after and self._post is not None:
+                    if self._queued() < self._max_queued:
+                        # Before the put: the drainer may set it nearer (see retry_after).
+                        item.refresh_after = mono + self._lock_ttl
+                        self._post((self, key, item.version, False, False))
+                    else:
+                        self.stats.incr("refreshes_dropped")
+                next(self._stale_fast)
+                return item.value
         return (below or self._read_below)(key, item, resolver, default)
 
     async def aget(self, key: str, resolver: Resolver | None, default: Any = None) -> Any:
