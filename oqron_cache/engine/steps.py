@@ -92,7 +92,8 @@ class LoopEvent:
         return self._event.is_set()
 
     async def wait_for(self, timeout: float) -> None:
-        with contextlib.suppress(TimeoutError):
+        # asyncio.TimeoutError: on Python 3.10 it is not the builtin TimeoutError (3.11+ alias).
+        with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(self._event.wait(), timeout)
 
 
