@@ -845,7 +845,7 @@ def test_row15_bad_max_size(site: str, value: Any, error: type) -> None:
 @pytest.mark.parametrize(
     ("url", "words"),
     [
-        ("localhost:6379", "not a Redis scheme"),
+        ("localhost:6379", "no scheme"),  # host:port, not scheme "localhost"
         ("127.0.0.1:6379", "no scheme"),
         ("//:hunter2@cache.internal:6379/0", "no scheme"),
         ("http://x", "not a Redis scheme"),

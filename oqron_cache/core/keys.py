@@ -159,16 +159,22 @@ def printable(key: str, limit: int = 80) -> str:
     return shown if len(shown) <= limit else shown[:limit] + f"...({len(shown)} chars)"
 
 
+VALUE_KEYS_KEPT = 4096  # KeySpace.value's memo, per cache
+
+
 class KeySpace:
     """Builds the Redis keys of one cache in one namespace."""
 
-    __slots__ = ("cache", "max_key_bytes", "namespace", "prefix")
+    __slots__ = ("_values", "cache", "max_key_bytes", "namespace", "prefix")
 
     def __init__(self, namespace: str, cache: str, max_key_bytes: int) -> None:
         self.namespace = validate_namespace(namespace)
         self.cache = validate_cache_name(cache)
         self.max_key_bytes = max_key_bytes
         self.prefix = f"oqron:{namespace}:{{{escape(cache)}:"
+        # The envelope keys of the last keys read: every read below L1 needs one, and
+        # building it (escape, maybe a hash) costs more than the read's own Python path.
+        self._values: dict[str, str] = {}
 
     def encoded(self, key: str) -> str:
         """The escaped (or, when too long, hashed) form of ``key`` used inside the hash tag."""
@@ -180,7 +186,12 @@ class KeySpace:
 
     def value(self, key: str) -> str:
         """Redis key of the entry's envelope."""
-        return f"{self.prefix}{self.encoded(key)}}}:v"
+        found = self._values.get(key)
+        if found is None:
+            if len(self._values) >= VALUE_KEYS_KEPT:
+                self._values.clear()  # bounded: start over (a dict op, safe under the GIL)
+            found = self._values[key] = f"{self.prefix}{self.encoded(key)}}}:v"
+        return found
 
     def lock(self, key: str) -> str:
         """Redis key of the entry's fill/refresh lock (same hash tag as the value)."""

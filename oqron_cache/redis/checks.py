@@ -18,7 +18,9 @@ def validate_redis_url(url: object) -> str:
     if not isinstance(url, str):
         raise TypeError(f"redis_url must be a str; got {type(url).__name__}")
     parts = urlsplit(url)
-    if not parts.scheme:
+    # Every form named below has "://"; without it a URL has no scheme, whatever urlsplit
+    # says (Python 3.10 takes "127.0.0.1:6379" for scheme "127.0.0.1", 3.11 for a path).
+    if not parts.scheme or "://" not in url:
         raise ConfigurationError(
             f"redis_url {mask_url(url)!r} has no scheme; "
             "use redis://host:port/db or rediss:// for TLS"
