@@ -18,6 +18,7 @@ The timings a test measured are printed (``pytest -s`` shows them).
 from __future__ import annotations
 
 import contextlib
+import importlib.metadata
 import json
 import os
 import re
@@ -41,6 +42,8 @@ from tests.procs import ROOT, Child
 from tests.procs import refresh_caches as rc
 from tests.redis_server import RedisServer
 from tests.worker_process import WORKER_READY, WorkerProcess
+
+KOMBU = tuple(int(part) for part in importlib.metadata.version("kombu").split(".")[:2])
 
 OLD = {"gen": "old"}
 RABBIT = "amqp://guest:guest@127.0.0.1:5672"
@@ -680,6 +683,7 @@ def test_broker_hanging_bounds_the_enqueue_and_a_late_message_is_harmless(
 
 
 @pytest.mark.xfail(
+    KOMBU >= (5, 7),  # seen with 5.7.0; 5.3.5 (the lowest bound) keeps its worker
     strict=True,
     reason="UPSTREAM (kombu 5.7.0 Redis transport): when the broker connection drops while a "
     "message is unacknowledged, Channel.close -> QoS.restore_unacked_once -> "

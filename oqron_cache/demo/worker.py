@@ -80,6 +80,10 @@ def make_app(broker_url: str, prefix: str | None = None) -> Any:
         task_ignore_result=True,
         broker_transport_options=options,
         worker_hijack_root_logger=False,
+        # Said explicitly: Celery 5.3 warns (CPendingDeprecationWarning) when it is left to
+        # broker_connection_retry, and a process that treats warnings as errors then loses
+        # its embedded worker.
+        broker_connection_retry_on_startup=True,
     )
     return app
 
