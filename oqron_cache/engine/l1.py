@@ -1,9 +1,11 @@
 """L1: a per-process LRU on cachetools, keyed by the cache's ``str`` key.
 
-Items hold the value and the instants that govern it. The hot path (a fresh hit) is one locked
-``LRUCache`` lookup and a comparison against the clock: no key building, no I/O. ``cachetools``
-caches are not thread-safe, so every access holds ``_lock`` (as ``cachetools.cached(lock=...)``
-does); the lock is held only around the dictionary operation.
+Items hold the value and the instants that govern it. The hot path (a fresh hit) is one lookup
+and a comparison against the clock: no key building, no I/O. ``cachetools`` caches are not
+thread-safe, so every write and every method of this store holds ``_lock`` (as
+``cachetools.cached(lock=...)`` does); the read path's hit alone goes without it, on the LRU's
+own dict and ``move_to_end`` (see :meth:`MemoryStore.unlocked`), each a C call that is atomic
+under the GIL.
 
 Generations keep copies read from below from undoing an eviction. A reader takes the key's
 :meth:`MemoryStore.stamp` before it reads L2 and puts what it read with :meth:`MemoryStore.put_if`,

@@ -40,6 +40,9 @@ class L1Store(Protocol):
 
         The hot path indexes it while holding :attr:`lock`, so ``data[key]`` must do what
         :meth:`get` does: return the item and mark it recently used, or raise ``KeyError``.
+        (A store may also offer ``unlocked()``, returning a plain ``dict`` and a "mark used"
+        callable that are safe without the lock, as :class:`~.l1.MemoryStore` does; the read
+        path then takes its hits from those.)
         """
         ...
 
