@@ -4,6 +4,7 @@ P3 (bounded staleness) and P10 (secure by default)."""
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 import os
@@ -444,6 +445,45 @@ def test_acl_user_runs_the_full_cycle(
         assert stats["l2_errors"] == 0
         assert runtime.bus.healthy
         assert private_redis.client().exists(cache.stack.l2.keys.value("hot")) == 1
+    finally:
+        reset()
+
+
+@pytest.mark.asyncio
+async def test_acl_user_runs_the_full_cycle_on_the_async_front(
+    private_redis: RedisServer, make_cache: Callable[..., Any]
+) -> None:
+    """P10 on the async front: the per-loop pool logs in as the same restricted ACL user
+    (keys and channels under oqron:*, no dangerous commands), and reads, writes, deletes,
+    a single-flight load, a pattern and a tag invalidation all work, with no L2 error."""
+    make_acl_user(private_redis)
+    ns = f"t-{uuid.uuid4().hex[:8]}"
+    url = f"redis://oq:{ACL_PASSWORD}@127.0.0.1:{private_redis.port}/0"
+    oqron_cache.configure(redis_url=url, namespace=ns, op_timeout="250ms")
+    try:
+        calls = Counter[str]()
+
+        async def resolver(key: str) -> str:
+            calls[key] += 1
+            await asyncio.sleep(0.05)
+            return f"value:{key}"
+
+        cache = make_cache(**two_tier(resolver=resolver, tags=lambda key, value: ["t"]))
+        assert await cache.aget("a") == "value:a"
+        await cache.aset("b", "B")
+        assert await cache.aget("b") == "B"
+        await cache.adelete("a")
+        assert await cache.aget("a") == "value:a"
+        assert calls["a"] == 2
+        assert await asyncio.gather(*(cache.aget("hot") for _ in range(16))) == ["value:hot"] * 16
+        assert calls["hot"] == 1
+        await cache.aset_many({"x1": 1, "x2": 2})
+        assert await cache.ainvalidate_pattern("x*") == 2
+        assert await cache.ainvalidate_by_tag("t") >= 1
+        clients = as_list(private_redis.client().client_list())
+        assert {c["user"] for c in clients if c["name"] == "oqron-cache-aio"} == {"oq"}
+        assert {c["user"] for c in clients if c["name"].startswith("oqron-cache")} == {"oq"}
+        assert cache.get_stats(local=True)["l2_errors"] == 0
     finally:
         reset()
 
