@@ -317,33 +317,15 @@ def run_refresh(
     try:
         value = call_sync(resolver, key)  # an async resolver runs on this thread's loop
     except Exception:
-        stack.stats.incr("refresh_failures")
-        log.warning(
-            "cache %s: refresh of %s failed; the stale value stays served",
-            stack.name,
-            printable(key),
-            exc_info=True,
-        )
-        _throttle(stack, key, token)
-        return "failed"
+        return _failed(stack, key, token, "failed", "failed")
     elapsed = time.perf_counter() - started
     stack.stats.incr("resolver_calls")
     stack.stats.observe("resolver", elapsed)
     try:
         outcome = store(stack, key, value, basis, elapsed, keep_lock=True)
     except SerializationError:
-        # The resolver returned what the codec (or value_type) refuses: nothing is stored,
-        # the stale value stays served, and the lock throttles the next try.
-        stack.stats.incr("refresh_failures")
-        log.warning(
-            "cache %s: refresh of %s returned a value that cannot be stored; the stale value "
-            "stays served",
-            stack.name,
-            printable(key),
-            exc_info=True,
-        )
-        _throttle(stack, key, token)
-        return "refused"
+        # The resolver returned what the codec (or value_type) refuses: nothing is stored.
+        return _failed(stack, key, token, "returned a value that cannot be stored", "refused")
     if outcome == OVERSIZE:
         # Not cacheable: refreshing again at once would only run the resolver again.
         stack.stats.incr("refresh_failures")
@@ -353,6 +335,21 @@ def run_refresh(
         return "conflict"
     stack.stats.incr("refreshes_succeeded")
     return "refreshed"
+
+
+def _failed(stack: CacheStack, key: str, token: str, what: str, outcome: str) -> str:
+    """A refresh that produced nothing to store: counted, logged with its traceback, and
+    throttled by the lock; the stale value stays served."""
+    stack.stats.incr("refresh_failures")
+    log.warning(
+        "cache %s: refresh of %s %s; the stale value stays served",
+        stack.name,
+        printable(key),
+        what,
+        exc_info=True,
+    )
+    _throttle(stack, key, token)
+    return outcome
 
 
 def _throttle(stack: CacheStack, key: str, token: str) -> None:
