@@ -95,6 +95,7 @@ class Stats:
         self._lock = threading.Lock()
         self.gets = itertools.count()
         self.stale_fast = itertools.count()  # stale L1 hits whose refresh was already requested
+        self.l2_hit = itertools.count()  # L2 hits (added to "l2_hits"): no lock on a hit
         self.counts: dict[str, int] = dict.fromkeys(COUNTERS, 0)
         # tier -> [total seconds, samples]
         self.latency: dict[str, list[float]] = {tier: [0.0, 0] for tier in TIERS}
@@ -137,6 +138,7 @@ class Stats:
                 out[f"lat_{tier}_n"] = n
         out["gets"] = count_value(self.gets)
         out["stale_served"] += count_value(self.stale_fast)
+        out["l2_hits"] += count_value(self.l2_hit)
         return out
 
     def snapshot(self, evictions: int | None = None) -> dict[str, Any]:
