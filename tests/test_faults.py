@@ -542,6 +542,9 @@ def make_ca(directory: Path, name: str) -> tuple[Path, Path]:
     openssl(
         "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
         "-keyout", str(key), "-out", str(cert), "-days", "2", "-subj", f"/CN={name}",
+        # What Python 3.13's default VERIFY_X509_STRICT demands of a CA certificate.
+        "-addext", "basicConstraints=critical,CA:TRUE",
+        "-addext", "keyUsage=critical,keyCertSign,cRLSign",
         cwd=directory,
     )  # fmt: skip
     return key, cert
@@ -550,7 +553,10 @@ def make_ca(directory: Path, name: str) -> tuple[Path, Path]:
 def make_server_cert(directory: Path, ca_key: Path, ca_cert: Path) -> tuple[Path, Path]:
     key, csr, cert = directory / "server.key", directory / "server.csr", directory / "server.crt"
     ext = directory / "server.ext"
-    ext.write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+    ext.write_text(
+        "subjectAltName=IP:127.0.0.1,DNS:localhost\n"
+        "authorityKeyIdentifier=keyid\n"  # Python 3.13's strict verification wants it too
+    )
     openssl(
         "req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
         "-keyout", str(key), "-out", str(csr), "-subj", "/CN=127.0.0.1",
