@@ -32,6 +32,10 @@ from .errors import ConfigurationError, SerializationError
 
 TYPED_JSON_ID = 3
 TYPED_MSGPACK_ID = 4
+SUPPORTED = (
+    "supported: dataclasses, msgspec.Struct, TypedDict, NamedTuple, datetime, UUID, Decimal, "
+    "Enum, bytes, sets, tuples and containers of these, pydantic models"
+)
 _JSON_NATIVE = frozenset({str, int, float, bool, type(None), dict, list, Any, object})
 
 
@@ -106,17 +110,13 @@ class TypedCodec:
             decoder = module.Decoder(target)
         except TypeError as exc:
             raise ConfigurationError(
-                f"value_type {self.type_name} is not supported: {exc} (supported: dataclasses, "
-                "msgspec.Struct, TypedDict, NamedTuple, datetime, UUID, Decimal, Enum, bytes, "
-                "sets, tuples and containers of these, pydantic models)"
+                f"value_type {self.type_name} is not supported: {exc} ({SUPPORTED})"
             ) from None
         opaque = _custom_types(value_type)
         if opaque:
             raise ConfigurationError(
                 f"value_type {self.type_name} is not supported: {type_name(opaque[0])} is not a "
-                "type msgspec can check (supported: dataclasses, msgspec.Struct, TypedDict, "
-                "NamedTuple, datetime, UUID, Decimal, Enum, bytes, sets, tuples and containers "
-                "of these, pydantic models)"
+                f"type msgspec can check ({SUPPORTED})"
             )
         self._encode = module.Encoder().encode
         self._decode = decoder.decode
@@ -125,13 +125,7 @@ class TypedCodec:
         """The bytes of ``value``, which must fit ``value_type`` and come back the same."""
         try:
             data = self._encode(value)
-        except (TypeError, ValueError, OverflowError, UnicodeEncodeError) as exc:
-            raise SerializationError(
-                f"value of type {type(value).__name__} returned by {origin} cannot be stored "
-                f"as {self.type_name}: {exc}",
-                cache=origin,
-            ) from None
-        except Exception as exc:  # pydantic's serialisation errors are of its own kinds
+        except Exception as exc:  # msgspec's TypeError/OverflowError, or pydantic's own kinds
             raise SerializationError(
                 f"value of type {type(value).__name__} returned by {origin} cannot be stored "
                 f"as {self.type_name}: {exc}",
