@@ -1057,3 +1057,14 @@ def test_the_one_str_argument_fast_path_uses_the_key_every_other_path_uses(
         assert l1 is not None and l1.get(expected) is not None
     finally:
         profile.cache.close()
+
+
+def test_a_lock_in_its_last_millisecond_is_not_taken_for_one_without_a_ttl() -> None:
+    """Found by CI (P8): a failed refresh's retry, timed for its throttle lock's expiry, found
+    the lock with PTTL 0 (its last millisecond), took that for "no TTL" and waited a whole
+    lock_ttl more (2.0 s instead of 1.0 in test_a_failed_refresh_is_retried_...)."""
+    from oqron_cache.redis.store import acquire_reply
+
+    assert acquire_reply([0, None, 1, 0, b"f"], 5.0)[3] == 0.001  # about to expire
+    assert acquire_reply([0, None, 1, 1500, b"f"], 5.0)[3] == 1.5
+    assert acquire_reply([0, None, 1, -1, b"f"], 5.0)[3] == 5.0  # no TTL: not ours

@@ -66,7 +66,9 @@ def acquire_args(
 
 def acquire_reply(reply: Any, ttl: float) -> tuple[bool, bytes | None, int, float]:
     won, raw, now, left_ms, _phase = cast("list[Any]", reply)
-    left = int(left_ms) / 1000 if int(left_ms) > 0 else ttl  # -1: no TTL (not ours)
+    # 0 is a lock in its last millisecond (PTTL rounds down), not one without a TTL (-1): a
+    # retry timed for its expiry often finds it so, and must not wait a whole ttl more.
+    left = max(int(left_ms), 1) / 1000 if int(left_ms) >= 0 else ttl
     return bool(won), raw, int(now), left
 
 
